@@ -1,0 +1,5 @@
+import sys
+
+from mixlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``mixlab`` command line. Each subcommand lives in ``mixlab.commands.<name>`` and defines
+``add_parser(subparsers)`` and ``run(args) -> int``.
+
+User errors (``MixlabError``) print one message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mixlab import __version__
+from mixlab.errors import MixlabError
+
+COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo"]
+
+
+def _available() -> list[tuple[str, object]]:
+    mods = []
+    for name in COMMANDS:
+        try:
+            mods.append((name, importlib.import_module(f"mixlab.commands.{name}")))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"mixlab.commands.{name}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mixlab",
+        description="Dynamic data mixing and data weighting for language-model training.",
+    )
+    parser.add_argument("--version", action="version", version=f"mixlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for _, mod in _available():
+        mod.add_parser(sub)  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except MixlabError as exc:
+        print(f"mixlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

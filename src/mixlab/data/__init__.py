@@ -1,0 +1,1 @@
+"""Data: corpus ingest, tokenizer, token shards (numpy memmap + manifest) and the sampler."""

@@ -1,0 +1,209 @@
+"""The mixer protocol, the plan it returns, the signals it observes, and the one registry.
+
+A mixer decides the domain mixture of every training step. The trainer calls, at every step::
+
+    plan = mixer.plan(step)          # before the batch is drawn
+    ... train one step on a batch drawn from plan ...
+    mixer.observe(step, signals)     # after the optimizer step
+
+``signals`` is lazy: the trainer computes only what the mixer asks for (an eval pass costs
+time, so a mixer that never calls ``signals.eval_losses()`` never triggers one).
+
+Update rules live in pure functions next to each mixer (arrays in, arrays out; no logging, no
+I/O, no distributed calls). Everything a mixer keeps between steps goes through
+``state_dict()`` / ``load_state_dict()`` and must hold only Python scalars, lists, dicts and
+torch tensors, so that checkpoints load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from mixlab.config import from_dict, suggest
+from mixlab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to train on at one step.
+
+    ``weights`` [m] is the sampling distribution over domains. ``counts`` [m], when given, is
+    an exact per-batch composition (non-negative ints summing to the global batch size) that
+    the sampler must honour; ``weights`` then records the mixture actually trained
+    (``counts / batch``). ``loss_weights`` [m], when given, is a distribution w: a sample of
+    domain i has its loss multiplied by ``w_i / q_i`` where q = ``weights``.
+    """
+
+    weights: np.ndarray
+    counts: np.ndarray | None = None
+    loss_weights: np.ndarray | None = None
+    phase: str = "train"
+    """A label recorded in metrics (e.g. Aioli's 'probe' steps)."""
+
+
+@dataclass(frozen=True)
+class MixerContext:
+    """What a mixer may know about the run when it is built."""
+
+    domains: list[str]
+    """Domain names, in the order of every [m] array."""
+    train_tokens: np.ndarray
+    """[m] tokens in each domain's train split."""
+    total_steps: int
+    """Optimizer steps in the whole run (every step counts, probes included)."""
+    batch_size: int
+    """Global batch size in samples (all ranks and accumulation micro-batches together)."""
+    seq_len: int
+    seed: int
+
+    @property
+    def m(self) -> int:
+        return len(self.domains)
+
+
+class Signals(Protocol):
+    """Lazily computed observations for the step that just finished."""
+
+    step: int
+
+    def train_losses(self) -> np.ndarray:
+        """[m] mean per-sample training loss of each domain in this step's batch (nats/token,
+        before loss weighting); NaN for a domain with no sample in the batch."""
+        ...
+
+    def train_counts(self) -> np.ndarray:
+        """[m] number of samples of each domain in this step's batch."""
+        ...
+
+    def eval_losses(self) -> np.ndarray:
+        """[m] loss of the current model on the fixed, seeded mixer-eval subset of each domain's
+        validation split. Computed on first call and cached for this step."""
+        ...
+
+    def target_loss(self) -> float:
+        """Loss of the current model on the target set's probe part (disjoint from the part the
+        report evaluates). Raises ConfigError when no target is configured."""
+        ...
+
+
+class Mixer:
+    """Base class: subclasses define ``Config`` (a dataclass of their options) and ``plan``."""
+
+    name: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = False
+    """True when the mixture changes during training (these take part in ``mixlab demo``)."""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any, ctx: MixerContext):
+        self.config = config
+        self.ctx = ctx
+
+    def plan(self, step: int) -> Plan:
+        raise NotImplementedError
+
+    def observe(self, step: int, signals: Signals) -> None:  # noqa: B027 - optional hook
+        """Called after every optimizer step; static mixers ignore it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
+        pass
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific values to log with the step's metrics (JSON-serialisable)."""
+        return {}
+
+
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
+    """Class decorator: make a mixer available by ``name`` in configs and on the CLI."""
+
+    def deco(cls: type[Mixer]) -> type[Mixer]:
+        if name in MIXERS:
+            raise ValueError(f"mixer '{name}' registered twice")
+        cls.name = name
+        MIXERS[name] = cls
+        return cls
+
+    return deco
+
+
+def mixer_class(name: str) -> type[Mixer]:
+    import mixlab.mixers  # noqa: F401 - importing the package registers every mixer
+
+    if name not in MIXERS:
+        raise ConfigError(
+            f"unknown mixer '{name}'.{suggest(name, MIXERS)} Available: {', '.join(sorted(MIXERS))}."
+        )
+    return MIXERS[name]
+
+
+def build_mixer(name: str, options: dict[str, Any], ctx: MixerContext) -> Mixer:
+    """Build mixer ``name`` with ``options`` checked against its ``Config`` dataclass."""
+    cls = mixer_class(name)
+    config = from_dict(cls.Config, options, where=f"mixer.{name}")
+    return cls(config, ctx)
+
+
+def mixer_config_fields(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(mixer_class(name).Config)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure helpers shared by update rules.
+
+
+def check_distribution(p: np.ndarray, what: str = "weights", atol: float = 1e-6) -> np.ndarray:
+    """Return ``p`` as float64 if it is a distribution (finite, >= 0, sums to 1), else raise."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ConfigError(f"{what} must be a non-empty vector, got shape {p.shape}.")
+    if not np.all(np.isfinite(p)):
+        raise ConfigError(f"{what} contain NaN or infinity: {p.tolist()}.")
+    if np.any(p < 0):
+        raise ConfigError(f"{what} must be non-negative: {p.tolist()}.")
+    if abs(p.sum() - 1.0) > atol:
+        raise ConfigError(f"{what} must sum to 1, they sum to {p.sum():.6g}.")
+    return p
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """x / sum(x) for non-negative x; uniform when the sum is 0 or not finite."""
+    x = np.asarray(x, dtype=np.float64)
+    s = x.sum()
+    if not np.isfinite(s) or s <= 0:
+        return np.full(x.shape, 1.0 / x.size)
+    return x / s
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax of a 1-D array (never NaN for finite input)."""
+    z = np.asarray(z, dtype=np.float64)
+    z = z - np.max(z)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
+    """Mix ``p`` with uniform so every entry is at least ``floor`` (0 <= floor <= 1/m)."""
+    m = p.size
+    if floor <= 0:
+        return p
+    if floor * m > 1 + 1e-12:
+        raise ConfigError(f"floor {floor} is above 1/m = {1 / m:.4g}.")
+    lo = p.min()
+    if lo >= floor:
+        return p
+    lam = (floor - lo) / (1.0 / m - lo)
+    return (1 - lam) * p + lam / m
