@@ -90,6 +90,20 @@ class Signals(Protocol):
         report evaluates). Raises ConfigError when no target is configured."""
         ...
 
+    def reference_losses(self) -> np.ndarray:
+        """[m] mean per-sample loss of the *reference model* (``[mixer] reference`` = a finished
+        run dir) on this step's batch, per domain; NaN for a domain with no sample. Raises
+        ConfigError when no reference model is configured (DoReMi needs one)."""
+        ...
+
+    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
+        """For each row of ``mixtures`` [k, m], train a *copy* of the current model (and
+        optimizer state) for ``steps`` steps on batches drawn from that mixture, and return the
+        drop of the mixer-eval loss of every domain [k, m] (before - after; positive = improved).
+        The main run's model, optimizer and data order are untouched; the steps are counted as
+        the run's ``extra_steps``. Used by Skill-It to learn its skills graph."""
+        ...
+
 
 class Mixer:
     """Base class: subclasses define ``Config`` (a dataclass of their options) and ``plan``."""
