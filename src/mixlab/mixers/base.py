@@ -123,8 +123,16 @@ class Mixer:
     def plan(self, step: int) -> Plan:
         raise NotImplementedError
 
+    def start(self, signals: Signals) -> None:  # noqa: B027 - optional hook
+        """Called once before the first step of a fresh run (not on resume), with signals of the
+        initial model (``eval_losses`` works; ``train_losses`` is all NaN)."""
+
     def observe(self, step: int, signals: Signals) -> None:  # noqa: B027 - optional hook
-        """Called after every optimizer step; static mixers ignore it."""
+        """Called after optimizer step ``step`` (0-based); static mixers ignore it.
+
+        A step whose loss was NaN/inf is skipped by the trainer and *not* observed, so mixers
+        must rely on the ``step`` arguments rather than count calls.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,0 +1,196 @@
+"""The training config: typed dataclasses, one per TOML table, a docstring under every field.
+
+``mixlab train --print-config`` prints this tree with every default and its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mixlab.config import apply_overrides, from_dict, load_toml
+from mixlab.errors import ConfigError
+from mixlab.model import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/builtin"
+    """Prepared data dir (``mixlab prepare --out``). Relative paths are from the working dir."""
+    domains: list[str] = field(default_factory=list)
+    """Train on these domains only (in this order); empty = every domain of the data dir."""
+    seq_len: int = 128
+    """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}.")
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"data.domains lists a domain twice: {self.domains}.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio at the last step."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to biases, norms or embeddings... of rank 1)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps, grad_clip and weight_decay must be >= 0.")
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 1000
+    """Optimizer steps. Every step counts, including steps a mixer uses to probe."""
+    batch_size: int = 16
+    """Global batch size in samples per optimizer step (all ranks, all micro-batches)."""
+    grad_accum: int = 1
+    """Split each rank's batch into this many micro-batches (same result, less memory)."""
+    seed: int = 0
+    """Seeds the model init, the data order, the evaluation subsets and every mixer."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'auto' = bf16 autocast on CUDA, fp32 on CPU."""
+    threads: int = 0
+    """torch threads on CPU; 0 leaves torch's default."""
+    log_every: int = 10
+    """Write a train line to metrics.jsonl every this many steps."""
+    progress: bool = True
+    """Show a progress bar (loss, tokens/s, ETA) on stderr."""
+    max_nonfinite: int = 10
+    """Stop (with a checkpoint) after this many consecutive steps with a NaN/inf loss."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}.")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1.")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Evaluate on the validation subset every this many steps (and at the end); 0 = only at the end."""
+    windows: int = 64
+    """Windows per domain in the fixed, seeded validation subset used for the metrics."""
+    signal_windows: int = 16
+    """Windows per domain in the (smaller) validation subset that mixers may ask to evaluate."""
+    test_windows: int = 256
+    """Windows per domain in the fixed test subset evaluated once at the end (summary.json)."""
+    batch_size: int = 64
+    """Samples per forward pass during evaluation."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}.")
+        if min(self.windows, self.signal_windows, self.test_windows, self.batch_size) < 1:
+            raise ConfigError("eval.windows, signal_windows, test_windows and batch_size must be >= 1.")
+
+
+@dataclass
+class TargetConfig:
+    path: str = ""
+    """A small target set: a .txt file (one document), a .jsonl file (field 'text') or a folder of
+    them. Empty = no target unless ``domain`` is set."""
+    domain: str = ""
+    """Hold out the target from this domain's validation documents instead of giving a path."""
+    docs: int = 0
+    """With ``domain``: how many of its validation documents form the target (0 = all)."""
+    probe_fraction: float = 0.5
+    """Fraction of the target's documents that mixers may use (the 'probe' part); the rest is only
+    ever evaluated, so the reported target loss is on text no method has seen."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path or self.domain)
+
+    def __post_init__(self) -> None:
+        if self.path and self.domain:
+            raise ConfigError("set target.path or target.domain, not both.")
+        if not 0 < self.probe_fraction < 1:
+            raise ConfigError(f"target.probe_fraction must be in (0, 1), got {self.probe_fraction}.")
+
+
+@dataclass
+class MixerConfig:
+    name: str = "stratified"
+    """Mixing method, from the registry (``mixlab train --list-mixers``)."""
+    apply: Literal["sample", "loss"] = "sample"
+    """'sample': draw domains by the mixture. 'loss': draw uniformly and weight each sample's loss
+    by w_i / q_i (q = the sampling distribution), for static mixtures."""
+    reference: str = ""
+    """A finished run dir whose final model is the reference model (DoReMi)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options of the chosen method (see ``mixlab train --print-config --set mixer.name=NAME``)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Write a checkpoint every this many steps (0 = only at the end and when stopped early)."""
+    keep: int = 2
+    """Keep the last this many checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1.")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard event files under RUN/tb (needs `pip install tensorboard`)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Sections are TOML tables."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which prepared data to train on."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The language model."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW with warmup and cosine decay."""
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    """The loop: budget, batch, seed, device."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation subsets and schedule."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    """An optional small target set (specialisation)."""
+    mixer: MixerConfig = field(default_factory=MixerConfig)
+    """The domain mixing method."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Extra logging."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config (or the defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = load_toml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TrainConfig, data)
