@@ -219,6 +219,21 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> str:
         if value is None:
             scalars.append(f"{comment}# {f.name} = (unset)")
         else:
-            line = tomli_w.dumps({f.name: value}).strip()
-            scalars.append(f"{comment}{line}")
+            scalars.append(f"{comment}{f.name} = {_inline(value)}")
     return "\n".join(scalars + ([""] if scalars and tables else []) + tables) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """A TOML value on one line (tables as inline tables), so it stays under its own header."""
+    import tomli_w
+
+    if isinstance(value, dict):
+        items = ", ".join(f"{_key(k)} = {_inline(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).strip()[len("v = ") :]
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'

@@ -146,6 +146,12 @@ class MixerConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """Options of the chosen method (see ``mixlab train --print-config --set mixer.name=NAME``)."""
 
+    def __post_init__(self) -> None:
+        from mixlab.mixers.base import mixer_class
+
+        # Check the name and the options now, so a typo fails before any data is read.
+        from_dict(mixer_class(self.name).Config, self.options, where="mixer.options")
+
 
 @dataclass
 class CheckpointConfig:
