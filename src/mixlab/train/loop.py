@@ -47,6 +47,8 @@ from mixlab.train.schedule import lr_at
 from mixlab.train.signals import StepSignals
 from mixlab.train.target import TargetSet, load_target
 
+AUX_SEED_OFFSET = 1_000_003
+
 # Fields of summary.json that measure time and so differ between otherwise identical runs.
 TIMING_KEYS = ("wall_time_s", "tokens_per_s")
 
@@ -130,6 +132,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = MixtureSampler(
             self.data, "train", seq, t.batch_size, t.seed, rank, world_size, self.domains
+        )
+        # A second, independent data stream for batches a method draws to *measure* something
+        # (alignment probes, ...): it never moves the training stream, and it is checkpointed.
+        self.aux_sampler = MixtureSampler(
+            self.data, "train", seq, t.batch_size, t.seed + AUX_SEED_OFFSET, rank, world_size,
+            self.domains,
         )
         self.ctx = MixerContext(
             domains=self.domains,
@@ -304,6 +312,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "aux_sampler": self.aux_sampler.state_dict(),
             "mixer": self.mixer.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "log_window": self.window.state_dict(),
@@ -321,6 +330,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
+        self.aux_sampler.load_state_dict(state["aux_sampler"])
         self.mixer.load_state_dict(state["mixer"])
         torch.set_rng_state(state["rng"]["torch"])
         self.window.load_state_dict(state["log_window"])
