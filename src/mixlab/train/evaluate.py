@@ -18,6 +18,7 @@ import torch
 from mixlab.data.format import DataDir
 from mixlab.data.sampler import eval_windows
 from mixlab.model import per_sample_loss
+from mixlab.train.distributed import DistInfo, all_reduce_sum
 
 
 @dataclass
@@ -45,25 +46,33 @@ def mean_losses(
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    dist_info: DistInfo | None = None,
 ) -> dict[str, float]:
     """Mean next-token loss (nats/token) of ``model`` on each named set of windows.
 
-    All windows of a set have the same length, so the mean of per-window means is the token mean.
+    All windows of a set have the same length, so the mean of per-window means is the token
+    mean. Under ``torchrun`` each rank scores every world_size-th window and the sums are
+    all-reduced, so every rank returns the same numbers.
     """
+    info = dist_info or DistInfo()
     was_training = model.training
     model.eval()
-    out: dict[str, float] = {}
+    names = list(windows)
+    sums = np.zeros(len(names))
+    counts = np.zeros(len(names))
     try:
-        for name, w in windows.items():
-            total = 0.0
+        for i, name in enumerate(names):
+            w = windows[name][info.rank :: info.world_size]
             for start in range(0, w.shape[0], batch_size):
                 chunk = w[start : start + batch_size].to(device, non_blocking=True)
                 with autocast():
-                    total += float(per_sample_loss(model, chunk).double().sum())
-            out[name] = total / max(1, w.shape[0])
+                    sums[i] += float(per_sample_loss(model, chunk).double().sum())
+            counts[i] = w.shape[0]
     finally:
         model.train(was_training)
-    return out
+    sums = all_reduce_sum(sums, info)
+    counts = all_reduce_sum(counts, info)
+    return {name: float(sums[i] / max(1.0, counts[i])) for i, name in enumerate(names)}
 
 
 def loss_report(losses: dict[str, float], domains: list[str], target: float | None) -> dict:

@@ -42,6 +42,17 @@ from mixlab.train.checkpoint import (
     save_model,
 )
 from mixlab.train.config import TrainConfig, load_config
+from mixlab.train.distributed import (
+    DistInfo,
+    all_gather_array,
+    all_reduce_sum,
+    any_rank,
+    average_gradients,
+    barrier,
+    check_same_on_all_ranks,
+    gather_objects,
+    init_from_env,
+)
 from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
 from mixlab.train.schedule import lr_at
 from mixlab.train.signals import StepSignals
@@ -96,15 +107,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 class Trainer:
     """One training run. ``Trainer(cfg, out_dir).run()`` returns the summary dict."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.rank, self.world = rank, world_size
-        self.is_main = rank == 0
         t = cfg.train
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
+        self.dist = dist_info or init_from_env(self.device.type)
+        rank, world_size = self.dist.rank, self.dist.world_size
+        self.rank, self.world = rank, world_size
+        self.is_main = self.dist.is_main
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
@@ -129,6 +144,14 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg.model, self.data.vocab_size, seq).to(self.device)
+        # The module that trains: DDP averages gradients over ranks. Everything else (eval,
+        # alignment, checkpoints) uses the bare model, identical on every rank.
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DDP(self.model, device_ids=ids)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = MixtureSampler(
             self.data, "train", seq, t.batch_size, t.seed, rank, world_size, self.domains
@@ -170,7 +193,8 @@ class Trainer:
         key = ("signal", step)
         if key not in self._eval_cache:
             losses = mean_losses(
-                self.model, self.signal_set.windows, self.cfg.eval.batch_size, self.device, self.autocast
+                self.model, self.signal_set.windows, self.cfg.eval.batch_size, self.device, self.autocast,
+                self.dist,
             )
             self._eval_cache = {k: v for k, v in self._eval_cache.items() if k[1] == step}
             self._eval_cache[key] = np.array([losses[d] for d in self.domains])
@@ -182,7 +206,8 @@ class Trainer:
         key = ("target", step)
         if key not in self._eval_cache:
             self._eval_cache[key] = mean_losses(
-                self.model, {"t": self.target.probe}, self.cfg.eval.batch_size, self.device, self.autocast
+                self.model, {"t": self.target.probe}, self.cfg.eval.batch_size, self.device,
+                self.autocast, self.dist,
             )["t"]
         return float(self._eval_cache[key])
 
@@ -194,7 +219,8 @@ class Trainer:
                 "finished run dir (e.g. a stratified run)."
             )
         with self.autocast():
-            return per_sample_loss(self.reference, tokens.to(self.device)).float().cpu().numpy()
+            local = per_sample_loss(self.reference, tokens.to(self.device)).float().cpu().numpy()
+        return all_gather_array(local, self.dist)
 
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
         """Train a copy of the model per mixture for ``steps`` steps; return eval-loss drops."""
@@ -219,10 +245,14 @@ class Trainer:
                 with self.autocast():
                     loss = per_sample_loss(branch, batch.tokens.to(self.device)).mean()
                 loss.backward()
+                average_gradients(branch, self.dist)
                 if self.cfg.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(branch.parameters(), self.cfg.optim.grad_clip)
                 opt.step()
-            after = mean_losses(branch, self.signal_set.windows, self.cfg.eval.batch_size, self.device, self.autocast)
+            after = mean_losses(
+                branch, self.signal_set.windows, self.cfg.eval.batch_size, self.device,
+                self.autocast, self.dist,
+            )
             out[k] = base_losses - np.array([after[d] for d in self.domains])
         self.state.extra_steps += steps * len(mixtures)
         return out
@@ -276,14 +306,19 @@ class Trainer:
         for k in range(t.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
             tokens = batch.tokens[sl].to(self.device, non_blocking=True)
-            with self.autocast():
-                losses = per_sample_loss(self.model, tokens)
-            weighted = losses if factors is None else losses * factors[sl].to(self.device)
-            loss = weighted.sum() / b
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-            loss.backward()
+            last = k == t.grad_accum - 1
+            # Gradients are averaged over ranks once, on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    losses = per_sample_loss(self.train_model, tokens)
+                weighted = losses if factors is None else losses * factors[sl].to(self.device)
+                loss = weighted.sum() / b
+                # Every rank must take the same branch, or the gradient all-reduce would hang.
+                if any_rank(not bool(torch.isfinite(loss)), self.dist):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                loss.backward()
             total += float(loss.detach())
             sample_losses.append(losses.detach().float().cpu())
         if self.cfg.optim.grad_clip > 0:
@@ -292,7 +327,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
-        return total, torch.cat(sample_losses).numpy(), batch.domains.numpy(), batch.tokens
+        # Mixers see the whole global batch: losses and domains gathered in rank order.
+        total = float(all_reduce_sum(np.array([total]), self.dist)[0])
+        losses_all = all_gather_array(torch.cat(sample_losses).numpy(), self.dist)
+        domains_all = all_gather_array(batch.domains.numpy(), self.dist)
+        return total, losses_all, domains_all, batch.tokens
 
     def evaluate(self, split: str = "val") -> dict[str, Any]:
         e = self.cfg.eval
@@ -304,7 +343,7 @@ class Trainer:
             ).windows
         if self.target is not None:
             windows["__target__"] = self.target.eval
-        losses = mean_losses(self.model, windows, e.batch_size, self.device, self.autocast)
+        losses = mean_losses(self.model, windows, e.batch_size, self.device, self.autocast, self.dist)
         return loss_report(losses, self.domains, losses.get("__target__"))
 
     def state_dict(self) -> dict[str, Any]:
@@ -314,7 +353,8 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "aux_sampler": self.aux_sampler.state_dict(),
             "mixer": self.mixer.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
+            # Dropout streams differ per rank, so every rank's generator state is kept.
+            "rng": {"torch": gather_objects(torch.get_rng_state(), self.dist)},
             "log_window": self.window.state_dict(),
             "loop": {
                 "step": s.step,
@@ -332,17 +372,26 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.aux_sampler.load_state_dict(state["aux_sampler"])
         self.mixer.load_state_dict(state["mixer"])
-        torch.set_rng_state(state["rng"]["torch"])
+        rng = state["rng"]["torch"]
+        if len(rng) != self.world:
+            raise CheckpointError(
+                f"the checkpoint was written by {len(rng)} processes and this run has "
+                f"{self.world}; resume with --nproc_per_node {len(rng)}."
+            )
+        torch.set_rng_state(rng[self.rank])
         self.window.load_state_dict(state["log_window"])
         self.state = LoopState(**state["loop"])
 
     def checkpoint(self) -> Path | None:
-        if not self.is_main:
-            return None
-        return save_checkpoint(
-            self.out / "checkpoints", self.state.step, self.model, self.state_dict(),
-            self.config_dict, self.cfg.checkpoint.keep,
-        )
+        state = self.state_dict()  # collective under DDP: every rank takes part
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.out / "checkpoints", self.state.step, self.model, state,
+                self.config_dict, self.cfg.checkpoint.keep,
+            )
+        barrier(self.dist)
+        return path
 
     def _resume(self) -> bool:
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -364,12 +413,13 @@ class Trainer:
                 f"run dir '{self.out}' already holds a run; pass --resume to continue it or "
                 "choose another --out."
             )
+        barrier(self.dist)  # every rank has looked before rank 0 writes anything
         if self.is_main:
             import tomli_w
 
             (self.out / "config.toml").write_text(tomli_w.dumps(self.config_dict), encoding="utf-8")
         resumed = self._resume() if resume else False
-        if resume and not resumed and has_metrics:
+        if resume and not resumed and has_metrics and self.is_main:
             (self.out / "metrics.jsonl").unlink()  # a killed run with no checkpoint starts over
         return resumed
 
@@ -399,6 +449,8 @@ class Trainer:
             while self.state.step < t.steps:
                 step = self.state.step
                 plan = self._resolve_plan(self.mixer.plan(step))
+                if t.check_ranks:
+                    check_same_on_all_ranks(plan.weights, "mixture weights", step, self.dist)
                 result = self.train_step(plan)
                 self.state.step += 1
                 self.state.tokens += tokens_per_step

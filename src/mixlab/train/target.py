@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixlab.data.format import DataDir
+from mixlab.data.tokenizer import encode_documents
 from mixlab.errors import ConfigError
 from mixlab.train.config import TargetConfig
 
@@ -67,8 +68,7 @@ def load_target(cfg: TargetConfig, data: DataDir, seq_len: int, seed: int) -> Ta
         texts = _read_texts(path)
         if not texts:
             raise ConfigError(f"target.path '{path}' holds no non-empty document.")
-        tok = data.tokenizer()
-        docs = [np.array([*e.ids, data.eos_id], dtype=np.int64) for e in tok.encode_batch(texts)]
+        docs = encode_documents(data.tokenizer(), texts, data.eos_id)
     else:
         split = data.split(cfg.domain, "val")
         order = np.random.default_rng([seed, 7]).permutation(split.n_docs)
