@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import sys
 import textwrap
 import types
@@ -41,7 +42,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -204,8 +205,6 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> str:
     hints = get_type_hints(cls)
     scalars: list[str] = []
     tables: list[str] = []
-    import tomli_w
-
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
         doc = docs.get(f.name, "")

@@ -71,6 +71,33 @@ def test_resume_is_bit_identical(tiny_cfg, tmp_path):
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
 
 
+DYNAMIC_OPTIONS = {
+    "aioli": ["mixer.options.round_steps=16", "mixer.options.lp_rounds=1", "mixer.options.lp_steps=2"],
+    "doremi": ["mixer.options.sampling='alpha'"],
+    "odm": [],
+    "skillit": ["mixer.options.graph_steps=2", "mixer.options.update_every=6",
+                "mixer.options.eval_every=3"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC_OPTIONS))
+def test_resume_is_bit_identical_for_dynamic_mixers(name, tiny_cfg, tmp_path):
+    extra = ["checkpoint.every=9", f"mixer.name='{name}'", *DYNAMIC_OPTIONS[name]]
+    if name == "doremi":
+        train(tiny_cfg("train.steps=6"), tmp_path / "ref")
+        extra.append(f"mixer.reference='{tmp_path / 'ref'}'")
+    full = train(tiny_cfg(*extra), tmp_path / "full")
+    trainer = Trainer(tiny_cfg(*extra), tmp_path / "cut")
+    trainer.train_step = _die_after(trainer.train_step, 19)
+    with pytest.raises(SystemExit):
+        trainer.run()
+    resumed = train(tiny_cfg(*extra), tmp_path / "cut", resume=True)
+    assert _strip_timing(resumed) == _strip_timing(full)
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
+    weights = [r["weights"] for r in _metrics(tmp_path / "full") if r["kind"] == "train"]
+    assert len({tuple(w.values()) for w in weights}) > 1, "the mixture never moved"
+
+
 def test_existing_run_dir_needs_resume(tiny_cfg, tmp_path):
     train(tiny_cfg(), tmp_path / "r")
     with pytest.raises(MixlabError, match="--resume"):

@@ -225,7 +225,7 @@ class ShardWriter:
         self._rel_bin = f"shards/{self.domain}/{self.split}-{len(self.info.shards):05d}.bin"
         path = self.root / self._rel_bin
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "wb")
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in _close(), spans many add() calls
         self._offsets = [0]
 
     def _close(self) -> None:
@@ -353,7 +353,7 @@ class DataDir:
         """Check that every shard exists and has exactly the size the manifest says."""
         item = self.dtype.itemsize
         for d in self.manifest.domains:
-            for split, info in d.splits.items():
+            for info in d.splits.values():
                 for sh in info.shards:
                     p = self.root / sh.bin
                     if not p.is_file():

@@ -1,6 +1,12 @@
 """Domain mixers: one module per method, all registered in ``mixlab.mixers.base.MIXERS``."""
 
-from mixlab.mixers import static  # noqa: F401 - registers the static mixers
+from mixlab.mixers import (  # noqa: F401 - importing a module registers its mixers
+    aioli,
+    doremi,
+    odm,
+    skillit,
+    static,
+)
 from mixlab.mixers.base import MIXERS, Mixer, MixerContext, Plan, Signals, build_mixer, register
 
 __all__ = ["MIXERS", "Mixer", "MixerContext", "Plan", "Signals", "build_mixer", "register"]

@@ -20,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from mixlab.config import from_dict, suggest
 from mixlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mixlab.signals.alignment import SampleAlignments
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,57 @@ class Signals(Protocol):
         the run's ``extra_steps``. Used by Skill-It to learn its skills graph."""
         ...
 
+    def sample_alignments(
+        self,
+        counts: np.ndarray,
+        direction: str = "target",
+        method: str = "jvp",
+        precondition: bool = False,
+        probes: int = 0,
+    ) -> SampleAlignments:
+        """Per-sample gradient alignments ``<∇ℓ_x(θ), P v>`` of the current model on a fresh
+        measurement batch with exactly ``counts[i]`` samples of domain i (the total must be a
+        positive multiple of the global batch size), drawn from the trainer's auxiliary data
+        stream (the training data order is untouched). ``direction`` v: ``"target"`` (mean-loss
+        gradient of the target's probe windows), ``"val"`` (of the mixer-eval validation windows,
+        mean over domains) or ``"domains"`` (Σ_i of each domain's mean-loss gradient on another
+        fresh batch with the same counts). ``method``: ``"jvp"`` (forward-mode AD, exact) or
+        ``"fd"`` (central finite difference). ``precondition``: P = Adam's denominator
+        ``1/(sqrt(v̂)+ε)``, else identity. ``probes``: that many seeded Gaussian directions
+        measured on the same batch. Returns values [N], domains [N], ``<v, P v>`` and probe values
+        [probes, N] (``mixlab.signals.alignment.SampleAlignments``). Every call draws new batches.
+        Raises ConfigError for a ``"target"`` direction without a target."""
+        ...
+
+    def alignment(
+        self,
+        direction: str = "target",
+        counts: np.ndarray | None = None,
+        method: str = "jvp",
+        precondition: bool = False,
+    ) -> np.ndarray:
+        """[m] per-domain mean of ``sample_alignments(counts, direction, method, precondition)``
+        (the alignment of each domain's mean-loss gradient with v); NaN for a domain with count 0.
+        ``counts`` defaults to one global batch split as evenly as possible over the domains."""
+        ...
+
+    def learning_rate(self) -> float:
+        """The learning rate of this step under the run's schedule (DoGE scales by it)."""
+        ...
+
+    def target_histogram(self) -> np.ndarray:
+        """[m] distribution of the target's probe documents over the domains (clusters): one-hot
+        for a target held out from one domain. Raises ConfigError when it cannot be computed (no
+        target, or a text target and no cluster assignment); importance sampling then needs the
+        histogram as an option."""
+        ...
+
+    def cluster_parents(self) -> np.ndarray:
+        """[m] coarse-cluster index of each domain, from the data dir's cluster hierarchy
+        (manifest ``extra["clusters"]["parents"]``, written by ``mixlab cluster --coarse``).
+        Raises ConfigError when the data dir has none."""
+        ...
+
 
 class Mixer:
     """Base class: subclasses define ``Config`` (a dataclass of their options) and ``plan``."""
@@ -123,11 +177,11 @@ class Mixer:
     def plan(self, step: int) -> Plan:
         raise NotImplementedError
 
-    def start(self, signals: Signals) -> None:  # noqa: B027 - optional hook
+    def start(self, signals: Signals) -> None:
         """Called once before the first step of a fresh run (not on resume), with signals of the
         initial model (``eval_losses`` works; ``train_losses`` is all NaN)."""
 
-    def observe(self, step: int, signals: Signals) -> None:  # noqa: B027 - optional hook
+    def observe(self, step: int, signals: Signals) -> None:
         """Called after optimizer step ``step`` (0-based); static mixers ignore it.
 
         A step whose loss was NaN/inf is skipped by the trainer and *not* observed, so mixers
@@ -137,7 +191,7 @@ class Mixer:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless default
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
     def report(self) -> dict[str, Any]:

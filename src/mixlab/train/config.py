@@ -153,7 +153,14 @@ class MixerConfig:
         from mixlab.mixers.base import mixer_class
 
         # Check the name and the options now, so a typo fails before any data is read.
-        from_dict(mixer_class(self.name).Config, self.options, where="mixer.options")
+        cls = mixer_class(self.name)
+        from_dict(cls.Config, self.options, where="mixer.options")
+        if self.apply == "loss" and cls.dynamic:
+            # A dynamic method reads signals as if domains were drawn by its own mixture.
+            raise ConfigError(
+                f"mixer.apply = 'loss' is for static mixtures; '{self.name}' decides its own "
+                "sampling and loss weighting. Remove mixer.apply or pick a static mixer."
+            )
 
 
 @dataclass

@@ -222,9 +222,11 @@ class Trainer:
             local = per_sample_loss(self.reference, tokens.to(self.device)).float().cpu().numpy()
         return all_gather_array(local, self.dist)
 
-    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
-        """Train a copy of the model per mixture for ``steps`` steps; return eval-loss drops."""
-        base_losses = self.signal_eval_losses(self.state.step)
+    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int, step: int) -> np.ndarray:
+        """Train a copy of the model per mixture for ``steps`` steps; return eval-loss drops.
+
+        ``step`` is the signal step asking (its cached eval losses are the baseline)."""
+        base_losses = self.signal_eval_losses(step)
         out = np.zeros_like(mixtures)
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         for k, mix in enumerate(mixtures):
@@ -236,7 +238,7 @@ class Trainer:
                 self.data, "train", self.cfg.data.seq_len, self.cfg.train.batch_size,
                 self.cfg.train.seed + 7919 * (k + 1), self.rank, self.world, self.domains,
             )
-            lr = lr_at(self.state.step, **self._lr_args())
+            lr = lr_at(max(0, step), **self._lr_args())
             for group in opt.param_groups:
                 group["lr"] = lr
             for _ in range(steps):
@@ -397,7 +399,7 @@ class Trainer:
         ckpts = list_checkpoints(self.out / "checkpoints")
         if not ckpts:
             return False
-        meta, state = load_checkpoint(ckpts[-1], self.config_dict)
+        _, state = load_checkpoint(ckpts[-1], self.config_dict)
         load_model(self.model, ckpts[-1] / "model.safetensors")
         self.load_state_dict(state)
         _truncate_metrics(self.out / "metrics.jsonl", self.state.step)

@@ -1,17 +1,46 @@
-"""Lazily computed signals handed to a mixer after each step (see ``mixers.base.Signals``)."""
+"""Lazily computed signals handed to a mixer after each step (see ``mixers.base.Signals``).
+
+Besides the loss signals, this module holds the trainer side of the alignment engine
+(``measure_alignments``): it draws measurement batches with exact per-domain counts from the
+trainer's auxiliary data stream (never the training stream), builds the direction (target,
+validation or domain gradient), optionally preconditions it with AdamW's second moment, and
+runs ``mixlab.signals.alignment`` on the bare model. Under ``torchrun`` every rank measures its
+slice of each measurement batch and the values are gathered in rank order, so every rank
+returns the same arrays.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mixlab.errors import ConfigError
+from mixlab.signals.alignment import (
+    METHODS,
+    Direction,
+    SampleAlignments,
+    dot,
+    gaussian_direction,
+    loss_gradient,
+    per_sample_alignments,
+    precondition,
+)
+from mixlab.train.distributed import all_gather_array
+from mixlab.train.schedule import lr_at
 
 if TYPE_CHECKING:
     from mixlab.train.loop import Trainer
+
+DIRECTIONS = ("target", "val", "domains")
+"""Directions ``measure_alignments`` can build: the mean-loss gradient of the target's probe
+windows; of the mixer-eval validation windows (mean over domains of each domain's mean); and
+the sum over domains of each domain's mean-loss gradient on a fresh auxiliary batch (DoGE)."""
+
+_PROBE_TAG = 0x9E3779B9  # separates the Gaussian probe seeds from every other seeded stream
 
 
 def per_domain_mean(values: np.ndarray, domains: np.ndarray, m: int) -> np.ndarray:
@@ -76,4 +105,285 @@ class StepSignals:
         mixtures = np.atleast_2d(np.asarray(mixtures, dtype=np.float64))
         if mixtures.shape[1] != self._trainer.m:
             raise ConfigError(f"branch mixtures must have {self._trainer.m} columns.")
-        return self._trainer.branch_eval_deltas(mixtures, steps)
+        return self._trainer.branch_eval_deltas(mixtures, steps, self.step)
+
+    # ------------------------------------------------------------ alignment signals
+
+    def sample_alignments(
+        self,
+        counts: np.ndarray,
+        direction: str = "target",
+        method: str = "jvp",
+        precondition: bool = False,
+        probes: int = 0,
+    ) -> SampleAlignments:
+        return measure_alignments(
+            self._trainer, self.step, counts, direction, method, precondition, probes, self._cache
+        )
+
+    def alignment(
+        self,
+        direction: str = "target",
+        counts: np.ndarray | None = None,
+        method: str = "jvp",
+        precondition: bool = False,
+    ) -> np.ndarray:
+        m = self._trainer.m
+        if counts is None:
+            counts = stratified_counts(m, self._trainer.cfg.train.batch_size)
+        res = self.sample_alignments(counts, direction, method, precondition)
+        sums = np.bincount(res.domains, weights=res.values, minlength=m)
+        n = np.bincount(res.domains, minlength=m)
+        out = np.full(m, np.nan)
+        np.divide(sums, n, out=out, where=n > 0)
+        return out
+
+    def learning_rate(self) -> float:
+        return learning_rate_at(self._trainer, max(self.step, 0))
+
+    def target_histogram(self) -> np.ndarray:
+        return target_histogram(self._trainer)
+
+    def cluster_parents(self) -> np.ndarray:
+        return cluster_parents(self._trainer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer side of the alignment engine.
+
+
+def stratified_counts(m: int, total: int, offset: int = 0) -> np.ndarray:
+    """[m] int64 counts summing to ``total``, as equal as possible: every domain gets
+    ``total // m`` and the ``total % m`` left over go to domains ``offset, offset + 1, ...``
+    (mod m), so rotating ``offset`` covers every domain when ``total < m``."""
+    if m < 1 or total < 0:
+        raise ValueError(f"need m >= 1 and total >= 0, got {m}, {total}.")
+    counts = np.full(m, total // m, dtype=np.int64)
+    extra = (offset + np.arange(total % m)) % m
+    counts[extra] += 1
+    return counts
+
+
+def split_counts(counts: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Split a composition ``counts`` [m] (total a positive multiple of ``batch``) into
+    ``total / batch`` compositions of ``batch`` samples each, filled domain by domain in index
+    order; their sum is ``counts``."""
+    c = np.asarray(counts, dtype=np.int64)
+    total = int(c.sum())
+    if total <= 0 or total % batch:
+        raise ConfigError(
+            f"alignment counts sum to {total}; they must be a positive multiple of the global "
+            f"batch size {batch} (measurement batches are drawn {batch} samples at a time)."
+        )
+    flat = np.repeat(np.arange(c.size, dtype=np.int64), c).reshape(total // batch, batch)
+    return [np.bincount(row, minlength=c.size).astype(np.int64) for row in flat]
+
+
+def _check_counts(trainer: Trainer, counts: np.ndarray) -> np.ndarray:
+    try:
+        c = np.asarray(counts)
+        f = c.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"alignment counts must be a vector of integers, got {counts!r}.") from None
+    if c.shape != (trainer.m,) or not np.all(np.isfinite(f)) or np.any(f != np.round(f)) or np.any(f < 0):
+        raise ConfigError(
+            f"alignment counts must be {trainer.m} non-negative integers (one per domain), got "
+            f"{c.tolist()}."
+        )
+    return f.astype(np.int64)
+
+
+def _all_reduce_direction(trainer: Trainer, d: Direction) -> Direction:
+    """Sum a direction over ranks (each rank computed its share of the windows)."""
+    info = trainer.dist
+    if info.enabled:
+        import torch.distributed as dist
+
+        for t in d.values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return d
+
+
+def _window_gradient(trainer: Trainer, windows: torch.Tensor, weights: torch.Tensor) -> Direction:
+    """∇ Σ_x w_x ℓ_x over ``windows`` [n, T+1] (weights [n] global), split over ranks."""
+    info = trainer.dist
+    mine = slice(info.rank, None, info.world_size)
+    local, w = windows[mine], weights[mine]
+    if local.shape[0] == 0:
+        grads = {n: torch.zeros_like(p, dtype=torch.float32)
+                 for n, p in trainer.model.named_parameters() if p.requires_grad}
+    else:
+        grads = loss_gradient(trainer.model, local, w, chunk_size=trainer.cfg.eval.batch_size,
+                              autocast=trainer.autocast)
+    return _all_reduce_direction(trainer, grads)
+
+
+def target_gradient(trainer: Trainer) -> Direction:
+    """Gradient of the mean loss over the target's probe windows (the only part methods see)."""
+    if trainer.target is None:
+        raise ConfigError(
+            "this mixer aligns with a target: set target.path (a few documents) or target.domain."
+        )
+    probe = trainer.target.probe
+    return _window_gradient(trainer, probe, torch.full((probe.shape[0],), 1.0 / probe.shape[0]))
+
+
+def validation_gradient(trainer: Trainer) -> Direction:
+    """Gradient of the average over domains of each domain's mean loss on the mixer-eval
+    validation windows (the loss ``eval_losses`` reports)."""
+    sets = [trainer.signal_set.windows[d] for d in trainer.domains]
+    windows = torch.cat(sets)
+    weights = torch.cat([torch.full((w.shape[0],), 1.0 / (len(sets) * w.shape[0])) for w in sets])
+    return _window_gradient(trainer, windows, weights)
+
+
+def _draw(trainer: Trainer, counts: np.ndarray) -> tuple[list[torch.Tensor], list[np.ndarray], np.ndarray]:
+    """Measurement batches with exactly ``counts`` samples per domain from the auxiliary stream:
+    (this rank's token slices, this rank's domain indices, the domain index of every sample of
+    every batch gathered in rank order)."""
+    tokens, local, gathered = [], [], []
+    for part in split_counts(counts, trainer.cfg.train.batch_size):
+        batch = trainer.aux_sampler.next_batch(counts=part)
+        tokens.append(batch.tokens)
+        local.append(batch.domains.numpy())
+        gathered.append(all_gather_array(batch.domains.numpy(), trainer.dist))
+    return tokens, local, np.concatenate(gathered).astype(np.int64)
+
+
+def domains_gradient(trainer: Trainer, counts: np.ndarray) -> Direction:
+    """Σ_i ∇ mean_{x in domain i} ℓ_x on a fresh auxiliary batch with ``counts`` [m] samples per
+    domain (domains with count 0 left out): DoGE's sum of domain gradients, in one backward."""
+    tokens, local, _ = _draw(trainer, counts)
+    grads: Direction | None = None
+    for t, dom in zip(tokens, local):
+        # Weight 1 / (global count of the sample's domain): the sum of per-domain means.
+        w = torch.as_tensor(1.0 / counts[dom], dtype=torch.float32)
+        g = loss_gradient(trainer.model, t, w, chunk_size=trainer.cfg.eval.batch_size,
+                          autocast=trainer.autocast)
+        grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
+    assert grads is not None  # split_counts returns at least one batch
+    return _all_reduce_direction(trainer, grads)
+
+
+def _probe_seed(trainer: Trainer, step: int, r: int) -> int:
+    seq = np.random.SeedSequence([_PROBE_TAG, trainer.cfg.train.seed, step + 1, r])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def measure_alignments(
+    trainer: Trainer,
+    step: int,
+    counts: np.ndarray,
+    direction: str = "target",
+    method: str = "jvp",
+    precondition_with_adam: bool = False,
+    probes: int = 0,
+    cache: dict[str, Any] | None = None,
+) -> SampleAlignments:
+    """Per-sample ``<∇ℓ_x, P v>`` on a fresh measurement batch with exactly ``counts`` [m]
+    samples per domain (total a positive multiple of the global batch size), drawn from
+    ``trainer.aux_sampler``. ``direction`` is one of ``DIRECTIONS``; ``method`` "jvp" or "fd"
+    (the finite difference runs in float32 without autocast: bf16 rounding would swamp the
+    difference); ``probes`` adds that many seeded Gaussian directions (``probe_values``).
+    ``cache`` (per step) keeps the target and validation gradients between calls of one step.
+    """
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"alignment direction {direction!r} is not one of {', '.join(map(repr, DIRECTIONS))}.")
+    if method not in METHODS or method == "backward":
+        raise ConfigError(f"alignment method {method!r} is not one of 'jvp', 'fd'.")
+    if probes < 0:
+        raise ConfigError(f"probes must be >= 0, got {probes}.")
+    c = _check_counts(trainer, counts)
+    cache = {} if cache is None else cache
+    if direction == "domains":
+        v = domains_gradient(trainer, c)
+    else:
+        key = f"direction:{direction}"
+        if key not in cache:
+            cache[key] = target_gradient(trainer) if direction == "target" else validation_gradient(trainer)
+        v = cache[key]
+    pv = precondition(v, trainer.optimizer, trainer.model) if precondition_with_adam else v
+    sq = dot(v, pv)
+    tokens, _, domains = _draw(trainer, c)
+    autocast = contextlib.nullcontext if method == "fd" else trainer.autocast
+    chunk = trainer.cfg.eval.batch_size
+
+    def measure(d: Direction) -> np.ndarray:
+        local = [per_sample_alignments(trainer.model, t, d, method, chunk_size=chunk, autocast=autocast)
+                 for t in tokens]
+        return np.concatenate([all_gather_array(x.double().numpy(), trainer.dist) for x in local])
+
+    values = measure(pv)
+    probe_values = np.zeros((probes, values.size))
+    for r in range(probes):
+        probe_values[r] = measure(gaussian_direction(trainer.model, _probe_seed(trainer, step, r)))
+    return SampleAlignments(values=values, domains=domains, direction_sq_norm=sq, probe_values=probe_values)
+
+
+def learning_rate_at(trainer: Trainer, step: int) -> float:
+    """The learning rate of 0-based optimizer step ``step`` under the run's schedule."""
+    o = trainer.cfg.optim
+    return lr_at(step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=trainer.cfg.train.steps,
+                 min_lr_ratio=o.min_lr_ratio)
+
+
+def target_histogram(trainer: Trainer) -> np.ndarray:
+    """[m] distribution of the target's probe documents over the run's domains (clusters).
+
+    A target held out from one domain (``target.domain``) lies in that domain: one-hot. A
+    target given as text (``target.path``) needs assigning to clusters, which needs the
+    embedder of ``mixlab cluster``; without it this raises a ``ConfigError`` that says to give
+    the histogram as a mixer option instead.
+    """
+    cfg = trainer.cfg.target
+    if not cfg.enabled:
+        raise ConfigError(
+            "this mixer needs the target's cluster histogram: set target.path or target.domain, "
+            "or give mixer.options.histogram = {domain = weight, ...}."
+        )
+    if cfg.domain:
+        if cfg.domain not in trainer.domains:
+            raise ConfigError(
+                f"target.domain '{cfg.domain}' is not one of the run's domains {trainer.domains}; "
+                "give mixer.options.histogram instead."
+            )
+        h = np.zeros(trainer.m)
+        h[trainer.domains.index(cfg.domain)] = 1.0
+        return h
+    raise ConfigError(
+        f"the target '{cfg.path}' would have to be assigned to clusters, which this data dir "
+        "cannot do (no cluster assignment in its manifest); give mixer.options.histogram = "
+        "{domain = weight, ...} (the share of the target in each domain)."
+    )
+
+
+def cluster_parents(trainer: Trainer) -> np.ndarray:
+    """[m] int64 coarse-cluster index of each run domain, from the data dir manifest's
+    ``extra["clusters"]["parents"]`` (written by ``mixlab cluster --coarse K1``): a list in the
+    manifest's domain order, or a mapping from domain name to coarse index."""
+    extra = trainer.data.manifest.extra or {}
+    clusters = extra.get("clusters")
+    parents = clusters.get("parents") if isinstance(clusters, dict) else None
+    if parents is None:
+        raise ConfigError(
+            f"data dir '{trainer.cfg.data.dir}' has no cluster hierarchy (manifest extra "
+            "'clusters.parents'); build it with `mixlab cluster --coarse K1`, or use the mixer "
+            "without distribution reweighting."
+        )
+    names = trainer.data.domains
+    if isinstance(parents, dict):
+        lookup = {str(k): v for k, v in parents.items()}
+    else:
+        if len(parents) != len(names):
+            raise ConfigError(
+                f"manifest clusters.parents has {len(parents)} entries for {len(names)} domains."
+            )
+        lookup = dict(zip(names, parents))
+    missing = [d for d in trainer.domains if d not in lookup]
+    if missing:
+        raise ConfigError(f"manifest clusters.parents has no entry for domain(s) {missing}.")
+    out = np.array([int(lookup[d]) for d in trainer.domains], dtype=np.int64)
+    if out.min() < 0:
+        raise ConfigError("manifest clusters.parents holds a negative coarse index.")
+    return out
+
