@@ -229,3 +229,24 @@ def test_target_from_domain(tiny_cfg, tmp_path):
     summary = train(tiny_cfg("target.domain='c'", "target.docs=6"), tmp_path / "r")
     assert summary["test"]["target_loss"] is not None
     assert math.isfinite(summary["test"]["target_loss"])
+
+
+def test_hf_model_trains_and_resumes(tiny_cfg, tmp_path):
+    pytest.importorskip("transformers")
+    hf = ["model.kind='hf'",
+          "model.hf_options={model_type='gpt2', n_layer=1, n_embd=32, n_head=2, n_positions=32, "
+          "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0}", "checkpoint.every=10"]
+    full = train(tiny_cfg(*hf), tmp_path / "full")
+    assert full["val"]["avg_loss"] < math.log(64)
+    trainer = Trainer(tiny_cfg(*hf), tmp_path / "cut")
+    trainer.train_step = _die_after(trainer.train_step, 15)
+    with pytest.raises(SystemExit):
+        trainer.run()
+    resumed = train(tiny_cfg(*hf), tmp_path / "cut", resume=True)
+    assert _strip_timing(resumed) == _strip_timing(full)
+
+
+def test_tensorboard_events(tiny_cfg, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny_cfg("log.tensorboard=true"), tmp_path / "r")
+    assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*"))

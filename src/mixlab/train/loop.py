@@ -443,7 +443,7 @@ class Trainer:
         )
         if not resumed:
             self.mixer.start(StepSignals(-1, self, None, None, None))
-        metrics = _MetricsWriter(self.out / "metrics.jsonl", self.is_main)
+        metrics = _MetricsWriter(self.out / "metrics.jsonl", self.is_main, self.cfg.log.tensorboard)
         bar = _progress(t.steps, self.state.step, t.progress and self.is_main)
         t0 = time.perf_counter() - self.state.elapsed_s
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
@@ -504,6 +504,7 @@ class Trainer:
             bar.close()
             raise MixlabError(f"stopped at step {self.state.step}; checkpoint {ckpt}; resume with --resume.") from None
         bar.close()
+        metrics.close()
         self.state.elapsed_s = time.perf_counter() - t0
         self.checkpoint()
         summary = self._summary()
@@ -579,14 +580,44 @@ class _LogWindow:
 
 
 class _MetricsWriter:
-    def __init__(self, path: Path, enabled: bool):
+    """Appends records to metrics.jsonl and, optionally, mirrors scalars to TensorBoard."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
+        self.tb: Any = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "log.tensorboard = true needs TensorBoard: pip install 'mixlab[tensorboard]'."
+                ) from None
+            self.tb = SummaryWriter(log_dir=str(path.parent / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for tag, value in _scalars(record):
+                self.tb.add_scalar(tag, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """(tag, value) pairs of a metrics record, for TensorBoard."""
+    kind = record["kind"]
+    out = []
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out.append((f"{kind}/{key}", float(value)))
+        elif isinstance(value, dict) and key in ("domain_loss", "weights", "loss", "ppl"):
+            out += [(f"{kind}/{key}/{d}", float(v)) for d, v in value.items() if v is not None]
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

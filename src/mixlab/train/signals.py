@@ -28,6 +28,7 @@ from mixlab.signals.alignment import (
     loss_gradient,
     per_sample_alignments,
     precondition,
+    stratified_counts,
 )
 from mixlab.train.distributed import all_gather_array
 from mixlab.train.schedule import lr_at
@@ -150,18 +151,6 @@ class StepSignals:
 
 # ---------------------------------------------------------------------------------------------
 # The trainer side of the alignment engine.
-
-
-def stratified_counts(m: int, total: int, offset: int = 0) -> np.ndarray:
-    """[m] int64 counts summing to ``total``, as equal as possible: every domain gets
-    ``total // m`` and the ``total % m`` left over go to domains ``offset, offset + 1, ...``
-    (mod m), so rotating ``offset`` covers every domain when ``total < m``."""
-    if m < 1 or total < 0:
-        raise ValueError(f"need m >= 1 and total >= 0, got {m}, {total}.")
-    counts = np.full(m, total // m, dtype=np.int64)
-    extra = (offset + np.arange(total % m)) % m
-    counts[extra] += 1
-    return counts
 
 
 def split_counts(counts: np.ndarray, batch: int) -> list[np.ndarray]:
