@@ -114,17 +114,19 @@ class Signals(Protocol):
         method: str = "jvp",
         precondition: bool = False,
         probes: int = 0,
+        target_windows: int = 0,
     ) -> SampleAlignments:
         """Per-sample gradient alignments ``<∇ℓ_x(θ), P v>`` of the current model on a fresh
-        measurement batch with exactly ``counts[i]`` samples of domain i (the total must be a
-        positive multiple of the global batch size), drawn from the trainer's auxiliary data
-        stream (the training data order is untouched). ``direction`` v: ``"target"`` (mean-loss
+        measurement batch with exactly ``counts[i]`` samples of domain i (any positive total),
+        drawn from the trainer's auxiliary data stream in global batches, the last one padded
+        (padding is read, never measured); the training data order is untouched. ``direction`` v: ``"target"`` (mean-loss
         gradient of the target's probe windows), ``"val"`` (of the mixer-eval validation windows,
         mean over domains) or ``"domains"`` (Σ_i of each domain's mean-loss gradient on another
         fresh batch with the same counts). ``method``: ``"jvp"`` (forward-mode AD, exact) or
         ``"fd"`` (central finite difference). ``precondition``: P = Adam's denominator
         ``1/(sqrt(v̂)+ε)``, else identity. ``probes``: that many seeded Gaussian directions
-        measured on the same batch. Returns values [N], domains [N], ``<v, P v>`` and probe values
+        measured on the same batch. ``target_windows`` > 0: the target gradient uses a seeded
+        random subset of that many probe windows, new at every step (bounds its cost). Returns values [N], domains [N], ``<v, P v>`` and probe values
         [probes, N] (``mixlab.signals.alignment.SampleAlignments``). Every call draws new batches.
         Raises ConfigError for a ``"target"`` direction without a target."""
         ...
@@ -283,3 +285,31 @@ def apply_floor(p: np.ndarray, floor: float) -> np.ndarray:
         return p
     lam = (floor - lo) / (1.0 / m - lo)
     return (1 - lam) * p + lam / m
+
+
+def resolve_plan(plan: Plan, m: int, apply: str = "sample", mixer: str = "") -> Plan:
+    """A mixer's plan, validated, with the run's ``apply`` mode applied.
+
+    ``weights`` must be a distribution over the m domains; a plan with ``counts`` records the
+    mixture it trains (``counts / counts.sum()``). With ``apply = "loss"``, a plain sampling
+    plan becomes uniform sampling with loss weights equal to the plan's weights.
+    """
+    weights = check_distribution(plan.weights, f"mixer '{mixer}' weights")
+    if weights.size != m:
+        raise ConfigError(f"mixer '{mixer}' planned {weights.size} weights for {m} domains.")
+    if plan.counts is not None:
+        counts = np.asarray(plan.counts)
+        weights = counts / counts.sum()
+    if apply == "loss" and plan.loss_weights is None and plan.counts is None:
+        return Plan(weights=np.full(m, 1.0 / m), loss_weights=weights, phase=plan.phase)
+    return Plan(weights=weights, counts=plan.counts, loss_weights=plan.loss_weights, phase=plan.phase)
+
+
+def loss_factors(plan: Plan) -> np.ndarray | None:
+    """[m] per-domain loss multipliers w_d / q_d (0 where q_d = 0), or None when the plan does
+    not re-weight the loss (w = ``loss_weights``, q = ``weights``, the sampling distribution)."""
+    if plan.loss_weights is None:
+        return None
+    w = check_distribution(plan.loss_weights, "loss weights")
+    q = np.asarray(plan.weights, dtype=np.float64)
+    return np.divide(w, q, out=np.zeros_like(w), where=q > 0)

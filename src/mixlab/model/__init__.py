@@ -27,6 +27,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "per_sample_loss",
+    "sequence_losses",
 ]
 
 
@@ -153,7 +154,18 @@ def per_sample_loss(
         logits = model(inputs)
     else:
         logits = torch.func.functional_call(model, dict(params), (inputs,))
+    return sequence_losses(logits, targets)
+
+
+def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample, float32 [b] in nats/token.
+
+    ``logits`` [b, T, V] (any float dtype) for inputs ``tokens[:, :-1]``; ``targets`` LongTensor
+    [b, T] = ``tokens[:, 1:]``. Computed in float32 with autocast off.
+    """
     b, t, v = logits.shape
+    if targets.shape != (b, t):
+        raise ValueError(f"targets must be [{b}, {t}], got {tuple(targets.shape)}.")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         losses = F.cross_entropy(
             logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none"

@@ -32,7 +32,14 @@ from mixlab.config import to_dict
 from mixlab.data.format import DataDir, write_json_atomic
 from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import CheckpointError, ConfigError, MixlabError
-from mixlab.mixers.base import MixerContext, Plan, build_mixer, check_distribution
+from mixlab.mixers.base import (
+    MixerContext,
+    Plan,
+    build_mixer,
+    check_distribution,
+    loss_factors,
+    resolve_plan,
+)
 from mixlab.model import build_model, count_parameters, per_sample_loss
 from mixlab.train.checkpoint import (
     list_checkpoints,
@@ -271,23 +278,7 @@ class Trainer:
         }
 
     def _resolve_plan(self, plan: Plan) -> Plan:
-        """Validate a mixer's plan; apply the config's 'loss' mode to plain sampling plans."""
-        weights = check_distribution(plan.weights, f"mixer '{self.cfg.mixer.name}' weights")
-        if plan.counts is not None:
-            counts = np.asarray(plan.counts)
-            weights = counts / counts.sum()
-        if self.cfg.mixer.apply == "loss" and plan.loss_weights is None and plan.counts is None:
-            return Plan(weights=np.full(self.m, 1.0 / self.m), loss_weights=weights, phase=plan.phase)
-        return Plan(weights=weights, counts=plan.counts, loss_weights=plan.loss_weights, phase=plan.phase)
-
-    def _sample_factors(self, plan: Plan, domains: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample loss multipliers w_d / q_d, or None when the loss is not re-weighted."""
-        if plan.loss_weights is None:
-            return None
-        w = check_distribution(plan.loss_weights, "loss weights")
-        q = plan.weights
-        factor = np.divide(w, q, out=np.zeros_like(w), where=q > 0)
-        return torch.as_tensor(factor, dtype=torch.float32)[domains]
+        return resolve_plan(plan, self.m, self.cfg.mixer.apply, self.cfg.mixer.name)
 
     def train_step(self, plan: Plan) -> tuple[float, np.ndarray, np.ndarray, torch.Tensor] | None:
         """One optimizer step. Returns (loss, per-sample losses, domains, tokens) or None if skipped."""
@@ -296,7 +287,8 @@ class Trainer:
             batch = self.sampler.next_batch(counts=np.asarray(plan.counts, dtype=np.int64))
         else:
             batch = self.sampler.next_batch(weights=plan.weights)
-        factors = self._sample_factors(plan, batch.domains)
+        per_domain = loss_factors(plan)
+        factors = None if per_domain is None else torch.as_tensor(per_domain, dtype=torch.float32)[batch.domains]
         lr = lr_at(self.state.step, **self._lr_args())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
