@@ -1,5 +1,3 @@
-import sys
+from mixlab.cli import entry
 
-from mixlab.cli import main
-
-sys.exit(main())
+entry()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from mixlab import __version__
 from mixlab.errors import MixlabError
 
-COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo"]
+COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi"]
 
 
 def _available() -> list[tuple[str, object]]:
@@ -40,6 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+"""glibc settings that keep freed memory in the process. With the defaults, every training step
+unmaps and re-maps its large activation buffers (the logits alone are batch x seq x vocab x 4
+bytes): measured on the built-in corpus (60 steps, one thread) 13.4 s of system time and 32 s
+wall, against 0.7 s and 20 s with these. glibc reads them only at start-up (``mallopt`` refuses
+an mmap threshold above 32 MB), hence the re-exec in ``entry``."""
+
+
+def entry() -> None:
+    """The ``mixlab`` console script: re-executes once with ``MALLOC_ENV`` set, then runs."""
+    import os
+
+    missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
+    if missing and sys.platform.startswith("linux") and not os.environ.get("MIXLAB_NO_REEXEC"):
+        os.environ.update(missing)
+        os.environ["MIXLAB_NO_REEXEC"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "mixlab", *sys.argv[1:]])
+    sys.exit(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,4 +74,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

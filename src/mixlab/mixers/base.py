@@ -167,6 +167,8 @@ class Mixer:
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = False
     """True when the mixture changes during training (these take part in ``mixlab demo``)."""
+    needs_reference: ClassVar[bool] = False
+    """True when the method needs a reference model (``[mixer] reference``), like DoReMi."""
 
     @dataclass
     class Config:

@@ -80,6 +80,7 @@ class DoReMi(Mixer):
     """DoReMi proxy run: group-DRO weights α from the excess loss over a reference model."""
 
     dynamic = True
+    needs_reference = True
 
     @dataclass
     class Config:

@@ -477,6 +477,8 @@ class Trainer:
                         phase=plan.phase, nonfinite=self.state.nonfinite_total,
                         tokens_per_s=self.state.tokens / max(elapsed, 1e-9), elapsed_s=elapsed,
                     )
+                    if plan.loss_weights is not None:
+                        rec["loss_weights"] = dict(zip(self.domains, map(float, plan.loss_weights)))
                     if mixer_report := self.mixer.report():
                         rec["mixer"] = mixer_report
                     metrics.write(rec)

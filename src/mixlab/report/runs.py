@@ -1,0 +1,202 @@
+"""Read run dirs written by ``mixlab train`` (see docs/architecture.md, "Run directory").
+
+A run dir holds ``config.toml``, ``metrics.jsonl`` (one JSON object per line, ``kind`` = "train"
+or "eval") and, once finished, ``summary.json``. A compare dir holds run dirs at
+``runs/<mixer>/seed<k>/``. Readers here are tolerant of a run still being written: a last line
+cut in the middle is ignored, and a run without ``summary.json`` is simply not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mixlab.errors import MixlabError
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+RUNS = "runs"
+
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+@dataclass
+class Run:
+    """One run dir and what it has written so far."""
+
+    path: Path
+    summary: dict[str, Any] | None
+    """Contents of summary.json, or None while the run has not finished."""
+    train: list[dict[str, Any]] = field(default_factory=list)
+    """The ``kind == "train"`` lines of metrics.jsonl, in file order."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """The ``kind == "eval"`` lines of metrics.jsonl, in file order."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's resolved config.toml as a dict (empty when missing)."""
+    label: str = ""
+    """The method name shown in tables and legends (the mixer, unless disambiguated)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def mixer(self) -> str:
+        if self.summary and self.summary.get("mixer"):
+            return str(self.summary["mixer"])
+        name = self.config.get("mixer", {}).get("name")
+        return str(name) if name else self.path.name
+
+    @property
+    def seed(self) -> int:
+        if self.summary and self.summary.get("seed") is not None:
+            return int(self.summary["seed"])
+        seed = self.config.get("train", {}).get("seed")
+        if seed is not None:
+            return int(seed)
+        match = _SEED_DIR.match(self.path.name)
+        return int(match.group(1)) if match else 0
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names in the run's order (summary, else the first line that names them)."""
+        if self.summary and self.summary.get("domains"):
+            return list(self.summary["domains"])
+        for line in self.train:
+            if isinstance(line.get("weights"), dict):
+                return list(line["weights"])
+        for line in self.evals:
+            if isinstance(line.get("loss"), dict):
+                return list(line["loss"])
+        return []
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train lines, eval lines) of a metrics.jsonl; a missing file gives two empty lists.
+
+    A line that is not valid JSON is skipped: the last one may be half-written by a live run.
+    """
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    if not path.is_file():
+        return train, evals
+    with path.open(encoding="utf-8") as fh:
+        for raw in fh:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(line, dict):
+                continue
+            if line.get("kind") == "train":
+                train.append(line)
+            elif line.get("kind") == "eval":
+                evals.append(line)
+    return train, evals
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json of a run dir, or None when the run has not finished."""
+    path = run_dir / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MixlabError(f"{path} is not valid JSON ({exc}); re-run or delete that run.") from None
+    if not isinstance(data, dict):
+        raise MixlabError(f"{path} does not hold a JSON object.")
+    return data
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's config.toml as a plain dict (empty when absent)."""
+    from mixlab.config import load_toml
+
+    path = run_dir / CONFIG
+    return load_toml(path) if path.is_file() else {}
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read one run dir (finished or not)."""
+    path = Path(run_dir)
+    train, evals = read_metrics(path / METRICS)
+    return Run(
+        path=path,
+        summary=read_summary(path),
+        train=train,
+        evals=evals,
+        config=read_config(path),
+    )
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / METRICS).is_file() or (path / SUMMARY).is_file()
+
+
+def is_compare_dir(path: Path) -> bool:
+    return (path / RUNS).is_dir() and not is_run_dir(path)
+
+
+def compare_run_dirs(compare_dir: Path) -> list[Path]:
+    """Run dirs of a compare dir: ``runs/<mixer>/seed<k>``, mixers in name order, seeds in
+    numeric order (so the report is stable whichever run finished first)."""
+    found: list[Path] = []
+    root = compare_dir / RUNS
+    for mixer_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        seeds = [
+            (int(m.group(1)), p)
+            for p in mixer_dir.iterdir()
+            if p.is_dir() and (m := _SEED_DIR.match(p.name))
+        ]
+        found.extend(p for _, p in sorted(seeds) if is_run_dir(p))
+    return found
+
+
+def collect_runs(paths: list[str | Path]) -> list[Run]:
+    """Expand every path (a run dir or a compare dir) into runs, with unique labels.
+
+    A label is the mixer name. When two runs share mixer and seed (the same mixer from two
+    places), every run of that mixer gets its source appended (the compare dir's or the run
+    dir's name), so two configs of one mixer stay apart in tables and plots.
+    """
+    runs: list[Run] = []
+    sources: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise MixlabError(f"'{path}' is not a directory (expected a run dir or a compare dir).")
+        if is_run_dir(path):
+            runs.append(load_run(path))
+            sources.append(path.resolve().name)
+        elif is_compare_dir(path):
+            found = [load_run(p) for p in compare_run_dirs(path)]
+            runs.extend(found)
+            sources.extend([path.resolve().name] * len(found))
+        else:
+            raise MixlabError(
+                f"'{path}' is neither a run dir (no {METRICS} or {SUMMARY}) nor a compare dir "
+                f"(no {RUNS}/ folder)."
+            )
+    if not runs:
+        raise MixlabError("no run found in " + ", ".join(str(p) for p in paths) + ".")
+    _assign_labels(runs, sources)
+    return runs
+
+
+def _assign_labels(runs: list[Run], sources: list[str]) -> None:
+    counts: dict[tuple[str, int], int] = {}
+    for run in runs:
+        counts[(run.mixer, run.seed)] = counts.get((run.mixer, run.seed), 0) + 1
+    clashing = {mixer for (mixer, _), n in counts.items() if n > 1}
+    for run, source in zip(runs, sources):
+        run.label = f"{run.mixer} ({source})" if run.mixer in clashing else run.mixer
+    keys = [(r.label, r.seed) for r in runs]
+    for run in runs:
+        if keys.count((run.label, run.seed)) > 1:
+            # Same mixer, seed and source name in different places: the full path tells them apart.
+            run.label = f"{run.mixer} ({run.path})"

@@ -1,0 +1,464 @@
+"""The comparison table: per-method test metrics and paired differences from a baseline.
+
+Every number comes from the runs' ``summary.json``. Differences are *paired*: a method's
+average test perplexity at seed k minus the baseline's at seed k (same seed = same initial
+model, same evaluation subsets, same data order within each domain), then mean and sample
+standard deviation over the seeds both have. A method "beats" the baseline at a seed when its
+difference is negative. A mean difference is marked *within noise* when
+``|mean| <= 2 * std / sqrt(n)`` (two standard errors); with one seed the noise is unknown.
+
+``comparison.csv`` has one row per run (``seed`` = the seed) followed by two rows per method
+(``seed`` = "mean" and "std"); ``wins``, ``n_paired`` and ``within_noise`` are filled on the
+"mean" rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixlab.errors import MixlabError
+from mixlab.report.runs import Run, read_summary
+
+DEFAULT_BASELINE = "stratified"
+NOISE_RULE = "|mean Δ| ≤ 2·std/√n (two standard errors of the paired differences)"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof=1) of some values; None where undefined."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float | None]) -> Stat:
+        vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if not vals:
+            return Stat(None, None, 0)
+        arr = np.asarray(vals, dtype=np.float64)
+        std = float(arr.std(ddof=1)) if arr.size > 1 else None
+        return Stat(float(arr.mean()), std, int(arr.size))
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One finished run's numbers, with its paired differences from the baseline."""
+
+    method: str
+    seed: int
+    avg_ppl: float
+    avg_loss: float | None
+    domain_ppl: dict[str, float]
+    target_loss: float | None
+    wall_time_s: float | None
+    extra_steps: int
+    steps: int
+    tokens: int
+    diff: float | None = None
+    """avg_ppl minus the baseline's avg_ppl at the same seed (None: baseline run missing)."""
+    target_diff: float | None = None
+    time_ratio: float | None = None
+    """wall_time_s / the baseline's wall_time_s at the same seed."""
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """A method's numbers over its seeds."""
+
+    method: str
+    seeds: list[int]
+    avg_ppl: Stat
+    domain_ppl: dict[str, Stat]
+    diff: Stat
+    diffs: dict[int, float]
+    """Paired difference per seed."""
+    wins: int
+    """Seeds at which the method's average test perplexity is below the baseline's."""
+    target_loss: Stat
+    target_diff: Stat
+    wall_time: Stat
+    time_ratio: Stat
+    extra_steps: Stat
+
+    @property
+    def within_noise(self) -> bool | None:
+        """True when the mean paired difference is within two standard errors of 0."""
+        if self.diff.n < 2 or self.diff.mean is None or self.diff.std is None:
+            return None
+        return abs(self.diff.mean) <= 2.0 * self.diff.std / math.sqrt(self.diff.n)
+
+
+@dataclass
+class Comparison:
+    """Everything the Markdown and CSV tables show."""
+
+    baseline: str
+    baseline_note: str
+    """Why this method is the baseline (for the table's footer)."""
+    domains: list[str]
+    methods: list[MethodRow]
+    runs: list[RunRow]
+    context: dict[str, Any] = field(default_factory=dict)
+    """Budget and model facts shared by the runs (for the header)."""
+
+    @property
+    def has_target(self) -> bool:
+        return any(r.target_loss is not None for r in self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs})
+
+
+def _run_row(run: Run) -> RunRow:
+    s = run.summary or {}
+    test = s.get("test") or {}
+    if test.get("avg_ppl") is None:
+        raise MixlabError(f"{run.path}/summary.json has no test.avg_ppl.")
+    ppl = test.get("ppl") or {}
+    return RunRow(
+        method=run.label or run.mixer,
+        seed=run.seed,
+        avg_ppl=float(test["avg_ppl"]),
+        avg_loss=_opt_float(test.get("avg_loss")),
+        domain_ppl={str(k): float(v) for k, v in ppl.items() if v is not None},
+        target_loss=_opt_float(test.get("target_loss")),
+        wall_time_s=_opt_float(s.get("wall_time_s")),
+        extra_steps=int(s.get("extra_steps") or 0) + _reference_steps(run),
+        steps=int(s.get("steps") or 0),
+        tokens=int(s.get("tokens") or 0),
+    )
+
+
+def _reference_steps(run: Run) -> int:
+    """Steps spent on the run's reference model (DoReMi), read from the reference run's own
+    summary: they are part of what the method cost, though trained outside the run."""
+    ref = (run.config.get("mixer") or {}).get("reference")
+    if not ref:
+        return 0
+    summary = read_summary(Path(ref)) if Path(ref).is_dir() else None
+    if not summary:
+        return 0
+    return int(summary.get("steps") or 0) + int(summary.get("extra_steps") or 0)
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def choose_baseline(methods: Sequence[str], baseline: str | None = None) -> tuple[str, str]:
+    """(baseline, note): the given one, else stratified when present, else the first method."""
+    if not methods:
+        raise MixlabError("no finished run to compare.")
+    if baseline and baseline != DEFAULT_BASELINE:
+        if baseline not in methods:
+            raise MixlabError(
+                f"baseline '{baseline}' has no finished run; methods: {', '.join(methods)}."
+            )
+        return baseline, f"differences are from {baseline} (chosen as the baseline)"
+    if DEFAULT_BASELINE in methods:
+        return DEFAULT_BASELINE, f"differences are from {DEFAULT_BASELINE} (uniform mixture)"
+    return methods[0], (
+        f"{DEFAULT_BASELINE} is not among the methods, so differences are from the first "
+        f"method, {methods[0]}"
+    )
+
+
+def build_comparison(
+    runs: Sequence[Run], baseline: str | None = None, order: Sequence[str] | None = None
+) -> Comparison:
+    """The comparison of the finished runs among ``runs`` (unfinished ones are left out).
+
+    Methods appear in ``order`` (names not in it follow, in order of first appearance).
+    """
+    finished = [r for r in runs if r.finished]
+    rows = [_run_row(r) for r in finished]
+    methods: list[str] = [m for m in (order or []) if any(r.method == m for r in rows)]
+    for r in rows:
+        if r.method not in methods:
+            methods.append(r.method)
+    base, note = choose_baseline(methods, baseline)
+    base_by_seed = {r.seed: r for r in rows if r.method == base}
+
+    paired = [_with_pair(r, base_by_seed[r.seed]) if r.seed in base_by_seed else r for r in rows]
+    paired.sort(key=lambda r: (methods.index(r.method), r.seed))
+
+    domains: list[str] = []
+    for run in finished:
+        for d in run.domains:
+            if d not in domains:
+                domains.append(d)
+    method_rows = [_method_row(m, [r for r in paired if r.method == m], domains) for m in methods]
+    return Comparison(
+        baseline=base,
+        baseline_note=note,
+        domains=domains,
+        methods=method_rows,
+        runs=paired,
+        context=_context(finished),
+    )
+
+
+def _with_pair(r: RunRow, b: RunRow) -> RunRow:
+    target_diff = (
+        r.target_loss - b.target_loss
+        if r.target_loss is not None and b.target_loss is not None
+        else None
+    )
+    ratio = (
+        r.wall_time_s / b.wall_time_s
+        if r.wall_time_s is not None and b.wall_time_s not in (None, 0.0)
+        else None
+    )
+    return dataclasses.replace(
+        r, diff=r.avg_ppl - b.avg_ppl, target_diff=target_diff, time_ratio=ratio
+    )
+
+
+def _method_row(method: str, rows: list[RunRow], domains: list[str]) -> MethodRow:
+    diffs = {r.seed: r.diff for r in rows if r.diff is not None}
+    return MethodRow(
+        method=method,
+        seeds=[r.seed for r in rows],
+        avg_ppl=Stat.of([r.avg_ppl for r in rows]),
+        domain_ppl={d: Stat.of([r.domain_ppl.get(d) for r in rows]) for d in domains},
+        diff=Stat.of(list(diffs.values())),
+        diffs=diffs,
+        wins=sum(1 for v in diffs.values() if v < 0),
+        target_loss=Stat.of([r.target_loss for r in rows]),
+        target_diff=Stat.of([r.target_diff for r in rows]),
+        wall_time=Stat.of([r.wall_time_s for r in rows]),
+        time_ratio=Stat.of([r.time_ratio for r in rows]),
+        extra_steps=Stat.of([float(r.extra_steps) for r in rows]),
+    )
+
+
+def _context(runs: Sequence[Run]) -> dict[str, Any]:
+    """Facts for the header, from the first finished run (every run shares them in a compare)."""
+    if not runs:
+        return {}
+    first = runs[0]
+    cfg = first.config
+    s = first.summary or {}
+    model = cfg.get("model", {})
+    data = cfg.get("data", {})
+    train = cfg.get("train", {})
+    ev = cfg.get("eval", {})
+    return {
+        "steps": s.get("steps"),
+        "tokens": s.get("tokens"),
+        "batch_size": train.get("batch_size"),
+        "seq_len": data.get("seq_len"),
+        "data_dir": data.get("dir"),
+        "model": {k: v for k, v in model.items() if not isinstance(v, dict)},
+        "test_windows": ev.get("test_windows"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _pm(s: Stat, digits: int = 2, signed: bool = False) -> str:
+    if s.mean is None:
+        return "–"
+    mean = f"{s.mean:+.{digits}f}" if signed else f"{s.mean:.{digits}f}"
+    return mean if s.std is None else f"{mean} ± {s.std:.{digits}f}"
+
+
+def _noise_mark(row: MethodRow) -> str:
+    flag = row.within_noise
+    if flag is None:
+        return " (n=1)" if row.diff.n == 1 else ""
+    return " ~" if flag else ""
+
+
+def _model_text(model: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in model.items() if k in _MODEL_KEYS]
+    return ", ".join(parts) if parts else ""
+
+
+_MODEL_KEYS = ("kind", "d_model", "n_layer", "n_head", "hf_name", "name")
+
+
+def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
+    """The comparison as Markdown: header, main table, per-domain table, per-seed table, notes."""
+    n_seeds = len(cmp.seeds)
+    base = cmp.baseline
+    lines = [f"# {title}", ""]
+    ctx = cmp.context
+    facts = [f"{len(cmp.methods)} method(s) × {n_seeds} seed(s) ({', '.join(map(str, cmp.seeds))})"]
+    if ctx.get("steps"):
+        budget = f"{ctx['steps']} steps"
+        if ctx.get("tokens"):
+            budget += f", {int(ctx['tokens']):,} training tokens per run"
+        facts.append(budget)
+    if ctx.get("batch_size") and ctx.get("seq_len"):
+        facts.append(f"batch {ctx['batch_size']} × {ctx['seq_len']} tokens")
+    model = _model_text(ctx.get("model") or {})
+    if model:
+        facts.append(f"model {model}")
+    if ctx.get("data_dir"):
+        facts.append(f"data `{ctx['data_dir']}`")
+    lines += ["; ".join(facts) + ".", ""]
+
+    head = [
+        "method",
+        "avg test PPL",
+        f"Δ PPL vs {base}",
+        f"beats {base}",
+    ]
+    if cmp.has_target:
+        head += ["target loss", f"Δ target loss vs {base}"]
+    head += ["wall time / run (s)", f"time vs {base}", "extra steps"]
+    lines += [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
+    for m in cmp.methods:
+        is_base = m.method == base
+        cells = [
+            f"**{m.method}**" if is_base else m.method,
+            _pm(m.avg_ppl),
+            "baseline" if is_base else _pm(m.diff, signed=True) + _noise_mark(m),
+            "–" if is_base else f"{m.wins}/{m.diff.n}",
+        ]
+        if cmp.has_target:
+            cells += [
+                _pm(m.target_loss, 4),
+                "baseline" if is_base else _pm(m.target_diff, 4, signed=True),
+            ]
+        cells += [
+            _pm(m.wall_time, 1),
+            "1.00×" if is_base else (_num(m.time_ratio.mean) + "×" if m.time_ratio.mean else "–"),
+            _num(m.extra_steps.mean, 0),
+        ]
+        lines.append(_row(cells))
+    lines.append("")
+
+    if cmp.domains:
+        lines += ["## Test perplexity per domain", ""]
+        lines += [_row(["method", *cmp.domains]), _row(["---"] + ["---:"] * len(cmp.domains))]
+        for m in cmp.methods:
+            lines.append(_row([m.method] + [_pm(m.domain_ppl[d]) for d in cmp.domains]))
+        lines.append("")
+
+    if n_seeds > 1:
+        lines += [f"## Paired difference from {base} per seed (average test PPL)", ""]
+        seeds = cmp.seeds
+        lines += [
+            _row(["method", *[f"seed {s}" for s in seeds], "mean ± std", "within noise"]),
+            _row(["---"] + ["---:"] * (len(seeds) + 2)),
+        ]
+        for m in cmp.methods:
+            if m.method == base:
+                continue
+            noise = {None: "–", True: "yes", False: "no"}[m.within_noise]
+            lines.append(
+                _row(
+                    [m.method]
+                    + [_num(m.diffs.get(s)) if s in m.diffs else "–" for s in seeds]
+                    + [_pm(m.diff, signed=True), noise]
+                )
+            )
+        lines.append("")
+
+    lines += [
+        "Notes:",
+        f"- Values are mean ± sample standard deviation over seeds; {cmp.baseline_note}.",
+        f"- Δ is paired: method minus {base} at the same seed (same initial model, same "
+        "evaluation subsets), then averaged over seeds; negative = lower perplexity = better.",
+        f"- `~` marks a difference within noise: {NOISE_RULE}; `(n=1)`: one seed, noise unknown.",
+        f"- Average test PPL is the mean of the per-domain test perplexities. "
+        f"Time vs {base} is the mean over seeds of the paired ratio of wall times. "
+        "Extra steps are training steps a method used outside its run: those of its reference "
+        "model's run, and branches it trained to measure (Skill-It).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+CSV_BASE_FIELDS = [
+    "method",
+    "seed",
+    "baseline",
+    "steps",
+    "tokens",
+    "avg_test_ppl",
+    "avg_test_loss",
+    "diff_avg_ppl",
+    "wins",
+    "n_paired",
+    "within_noise",
+    "target_loss",
+    "diff_target_loss",
+    "wall_time_s",
+    "time_ratio",
+    "extra_steps",
+]
+
+
+def to_csv(cmp: Comparison) -> str:
+    """The comparison as CSV (see the module docstring for the row layout)."""
+    fields = CSV_BASE_FIELDS + [f"ppl_{d}" for d in cmp.domains]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in cmp.runs:
+        writer.writerow(
+            {
+                "method": r.method,
+                "seed": r.seed,
+                "baseline": cmp.baseline,
+                "steps": r.steps,
+                "tokens": r.tokens,
+                "avg_test_ppl": _csv(r.avg_ppl),
+                "avg_test_loss": _csv(r.avg_loss),
+                "diff_avg_ppl": _csv(r.diff),
+                "target_loss": _csv(r.target_loss),
+                "diff_target_loss": _csv(r.target_diff),
+                "wall_time_s": _csv(r.wall_time_s),
+                "time_ratio": _csv(r.time_ratio),
+                "extra_steps": r.extra_steps,
+                **{f"ppl_{d}": _csv(r.domain_ppl.get(d)) for d in cmp.domains},
+            }
+        )
+    for m in cmp.methods:
+        for stat in ("mean", "std"):
+            row: dict[str, Any] = {
+                "method": m.method,
+                "seed": stat,
+                "baseline": cmp.baseline,
+                "avg_test_ppl": _csv(getattr(m.avg_ppl, stat)),
+                "diff_avg_ppl": _csv(getattr(m.diff, stat)),
+                "target_loss": _csv(getattr(m.target_loss, stat)),
+                "diff_target_loss": _csv(getattr(m.target_diff, stat)),
+                "wall_time_s": _csv(getattr(m.wall_time, stat)),
+                "time_ratio": _csv(getattr(m.time_ratio, stat)),
+                "extra_steps": _csv(getattr(m.extra_steps, stat)),
+                **{f"ppl_{d}": _csv(getattr(m.domain_ppl[d], stat)) for d in cmp.domains},
+            }
+            if stat == "mean":
+                row["wins"] = m.wins
+                row["n_paired"] = m.diff.n
+                row["within_noise"] = "" if m.within_noise is None else str(m.within_noise).lower()
+            writer.writerow(row)
+    return buf.getvalue()
+
+
+def _csv(v: float | None) -> str:
+    return "" if v is None else repr(float(v))
