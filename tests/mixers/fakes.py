@@ -69,6 +69,32 @@ class FakeSignals:
     def target_loss(self) -> float:
         raise ConfigError("no target configured in this fake")
 
+    align_scale: float = 1.0
+    align_seed: int = 0
+
+    def sample_alignments(self, counts, direction="target", method="jvp", precondition=False,
+                          probes=0, target_windows=0):
+        from mixlab.signals.alignment import SampleAlignments
+
+        self.calls.append("sample_alignments")
+        rng = np.random.default_rng([self.align_seed, self.step + 1, 17])
+        domains = np.repeat(np.arange(len(counts)), np.asarray(counts, dtype=np.int64))
+        return SampleAlignments(
+            values=self.align_scale * rng.normal(size=domains.size),
+            domains=domains,
+            direction_sq_norm=abs(self.align_scale) * float(rng.uniform(0.5, 2.0)),
+            probe_values=self.align_scale * rng.normal(size=(probes, domains.size)),
+        )
+
+    def learning_rate(self) -> float:
+        return 1e-3
+
+    def target_histogram(self) -> np.ndarray:
+        return np.arange(1.0, len(self.train if self.train is not None else self.counts) + 1)
+
+    def cluster_parents(self) -> np.ndarray:
+        raise ConfigError("no cluster hierarchy in this fake")
+
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
         self.calls.append("branch_eval_deltas")
         self.branch_calls.append((np.array(mixtures), steps))
@@ -116,7 +142,7 @@ def synthetic_signals(m: int, batch: int, regime: str = "normal", seed: int = 0)
         train[absent] = np.nan
         reference[absent] = np.nan
         deltas = scale * rng.uniform(-0.5, 1.0, size=(m, m))
-        return FakeSignals(
+        fake = FakeSignals(
             step,
             train=train,
             counts=counts,
@@ -124,6 +150,9 @@ def synthetic_signals(m: int, batch: int, regime: str = "normal", seed: int = 0)
             reference=reference,
             branch=lambda mix, steps: deltas[: len(mix)],
         )
+        # Alignments are products of two gradients: they scale with the loss squared.
+        fake.align_scale = scale**2 if np.isfinite(scale**2) else np.finfo(np.float64).max
+        return fake
 
     return make
 

@@ -27,6 +27,9 @@ OPTIONS: dict[str, dict] = {
     "fixed": {"weights": {"a": 0.2, "b": 0.3, "c": 0.5}},
     "aioli": {"round_steps": 20, "lp_rounds": 1, "lp_steps": 2},
     "skillit": {"update_every": 4, "eval_every": 2, "graph_steps": 2},
+    "dga": {"update_every": 2},
+    "doge": {"update_every": 2},
+    "importance": {"histogram": {"a": 1.0, "b": 2.0}},
 }
 # Names starting with "_" are mixers that other test modules register for their own use.
 NAMES = sorted(n for n in MIXERS if not n.startswith("_"))

@@ -2,7 +2,10 @@
 
 from mixlab.mixers import (  # noqa: F401 - importing a module registers its mixers
     aioli,
+    dga,
+    doge,
     doremi,
+    importance,
     odm,
     skillit,
     static,

@@ -1,17 +1,51 @@
-"""Lazily computed signals handed to a mixer after each step (see ``mixers.base.Signals``)."""
+"""Lazily computed signals handed to a mixer after each step (see ``mixers.base.Signals``).
+
+Besides the loss signals, this module holds the trainer side of the alignment engine
+(``measure_alignments``): it draws measurement batches with exact per-domain counts from the
+trainer's auxiliary data stream (never the training stream), builds the direction (target,
+validation or domain gradient), optionally preconditions it with AdamW's second moment, and
+runs ``mixlab.signals.alignment`` on the bare model. Under ``torchrun`` every rank measures its
+slice of each measurement batch and the values are gathered in rank order, so every rank
+returns the same arrays.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mixlab.errors import ConfigError
+from mixlab.signals.alignment import (
+    METHODS,
+    Direction,
+    SampleAlignments,
+    dot,
+    gaussian_direction,
+    group_mean,
+    loss_gradient,
+    per_sample_alignments,
+    precondition,
+    stratified_counts,
+)
+from mixlab.train.distributed import all_gather_array
+from mixlab.train.schedule import lr_at
 
 if TYPE_CHECKING:
     from mixlab.train.loop import Trainer
+
+DIRECTIONS = ("target", "val", "domains")
+"""Directions ``measure_alignments`` can build: the mean-loss gradient of the target's probe
+windows; of the mixer-eval validation windows (mean over domains of each domain's mean); and
+the sum over domains of each domain's mean-loss gradient on a fresh auxiliary batch (DoGE)."""
+
+# Tags that separate these seeded streams from every other one.
+_PROBE_TAG = 0x9E3779B9  # Gaussian probe directions
+_TARGET_TAG = 0x7A12  # target window subsets
 
 
 def per_domain_mean(values: np.ndarray, domains: np.ndarray, m: int) -> np.ndarray:
@@ -77,3 +111,356 @@ class StepSignals:
         if mixtures.shape[1] != self._trainer.m:
             raise ConfigError(f"branch mixtures must have {self._trainer.m} columns.")
         return self._trainer.branch_eval_deltas(mixtures, steps, self.step)
+
+    # ------------------------------------------------------------ alignment signals
+
+    def sample_alignments(
+        self,
+        counts: np.ndarray,
+        direction: str = "target",
+        method: str = "jvp",
+        precondition: bool = False,
+        probes: int = 0,
+        target_windows: int = 0,
+    ) -> SampleAlignments:
+        return measure_alignments(
+            self._trainer, self.step, counts, direction, method, precondition, probes, self._cache,
+            target_windows,
+        )
+
+    def alignment(
+        self,
+        direction: str = "target",
+        counts: np.ndarray | None = None,
+        method: str = "jvp",
+        precondition: bool = False,
+    ) -> np.ndarray:
+        m = self._trainer.m
+        if counts is None:
+            counts = stratified_counts(m, self._trainer.cfg.train.batch_size)
+        res = self.sample_alignments(counts, direction, method, precondition)
+        return group_mean(res.values, res.domains, m)
+
+    def learning_rate(self) -> float:
+        return learning_rate_at(self._trainer, max(self.step, 0))
+
+    def target_histogram(self) -> np.ndarray:
+        return target_histogram(self._trainer)
+
+    def cluster_parents(self) -> np.ndarray:
+        return cluster_parents(self._trainer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer side of the alignment engine.
+
+
+def measurement_batches(counts: np.ndarray, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Plan the auxiliary batches for a measurement of ``counts`` [m] samples per domain (any
+    positive total): a list of (draw [m], keep [m]) per batch, where ``draw`` sums to ``batch``
+    (the sampler's global batch) and ``keep <= draw`` are the samples measured. The samples are
+    filled domain by domain in index order; the last batch is padded to ``batch`` with samples
+    spread evenly over the domains, which are read but never measured. The ``keep`` sum to
+    ``counts``."""
+    c = np.asarray(counts, dtype=np.int64)
+    total = int(c.sum())
+    if total <= 0:
+        raise ConfigError(f"alignment counts sum to {total}; ask for at least one sample.")
+    n = -(-total // batch)
+    flat = np.repeat(np.arange(c.size, dtype=np.int64), c)
+    out = []
+    for k in range(n):
+        keep = np.bincount(flat[k * batch:(k + 1) * batch], minlength=c.size).astype(np.int64)
+        draw = keep + stratified_counts(c.size, batch - int(keep.sum()))
+        out.append((draw, keep))
+    return out
+
+
+def keep_mask(domains: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[B] bool: True for the first ``keep[d]`` samples of each domain d in ``domains`` [B]
+    (batch order, which the sampler has already shuffled), the samples a measurement uses."""
+    d = np.asarray(domains, dtype=np.int64)
+    rank = np.empty(d.size, dtype=np.int64)
+    for c in np.unique(d):
+        rows = np.flatnonzero(d == c)
+        rank[rows] = np.arange(rows.size)
+    return rank < np.asarray(keep)[d]
+
+
+def _check_counts(trainer: Trainer, counts: np.ndarray) -> np.ndarray:
+    try:
+        c = np.asarray(counts)
+        f = c.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"alignment counts must be a vector of integers, got {counts!r}.") from None
+    if c.shape != (trainer.m,) or not np.all(np.isfinite(f)) or np.any(f != np.round(f)) or np.any(f < 0):
+        raise ConfigError(
+            f"alignment counts must be {trainer.m} non-negative integers (one per domain), got "
+            f"{c.tolist()}."
+        )
+    return f.astype(np.int64)
+
+
+def _all_reduce_direction(trainer: Trainer, d: Direction) -> Direction:
+    """Sum a direction over ranks (each rank computed its share of the windows)."""
+    info = trainer.dist
+    if info.enabled:
+        import torch.distributed as dist
+
+        for t in d.values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return d
+
+
+def _window_gradient(trainer: Trainer, windows: torch.Tensor, weights: torch.Tensor) -> Direction:
+    """∇ Σ_x w_x ℓ_x over ``windows`` [n, T+1] (weights [n] global), split over ranks."""
+    info = trainer.dist
+    mine = slice(info.rank, None, info.world_size)
+    local, w = windows[mine], weights[mine]
+    if local.shape[0] == 0:
+        grads = {n: torch.zeros_like(p, dtype=torch.float32)
+                 for n, p in trainer.model.named_parameters() if p.requires_grad}
+    else:
+        grads = loss_gradient(trainer.model, local, w, chunk_size=trainer.cfg.eval.batch_size,
+                              autocast=trainer.autocast)
+    return _all_reduce_direction(trainer, grads)
+
+
+def target_window_subset(n: int, size: int, seed: int, step: int) -> np.ndarray:
+    """Sorted indices of ``size`` of the ``n`` probe windows (all when size is 0 or >= n),
+    drawn without replacement from a generator seeded by (seed, step): a new subset at every
+    step, the same one when a step is replayed after a resume."""
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([_TARGET_TAG, seed, step + 1]).choice(n, size, replace=False))
+
+
+def target_gradient(trainer: Trainer, windows: int = 0, step: int = 0) -> Direction:
+    """Gradient of the mean loss over the target's probe windows (the only part methods see),
+    or over a seeded subset of ``windows`` of them at this ``step`` (see
+    ``target_window_subset``), which bounds the cost when the probe part is large."""
+    if trainer.target is None:
+        raise ConfigError(
+            "this mixer aligns with a target: set target.path (a few documents) or target.domain."
+        )
+    probe = trainer.target.probe
+    pick = target_window_subset(probe.shape[0], windows, trainer.cfg.train.seed, step)
+    probe = probe[torch.from_numpy(pick)]
+    return _window_gradient(trainer, probe, torch.full((probe.shape[0],), 1.0 / probe.shape[0]))
+
+
+def validation_gradient(trainer: Trainer) -> Direction:
+    """Gradient of the average over domains of each domain's mean loss on the mixer-eval
+    validation windows (the loss ``eval_losses`` reports)."""
+    sets = [trainer.signal_set.windows[d] for d in trainer.domains]
+    windows = torch.cat(sets)
+    weights = torch.cat([torch.full((w.shape[0],), 1.0 / (len(sets) * w.shape[0])) for w in sets])
+    return _window_gradient(trainer, windows, weights)
+
+
+@dataclass
+class _Part:
+    """One auxiliary batch of a measurement, as this rank sees it."""
+
+    tokens: torch.Tensor
+    """[n_local_kept, T+1] this rank's measured samples."""
+    domains: np.ndarray
+    """[n_local_kept] their domain indices."""
+    local_mask: np.ndarray
+    """[b] which of this rank's rows are measured."""
+    global_mask: np.ndarray
+    """[B] which rows of the whole (rank-gathered) batch are measured."""
+    global_domains: np.ndarray
+    """[B] domain index of every row of the whole batch."""
+
+
+def _draw(trainer: Trainer, counts: np.ndarray) -> list[_Part]:
+    """Measurement batches with exactly ``counts`` measured samples per domain, drawn from the
+    auxiliary stream (see ``measurement_batches``)."""
+    info = trainer.dist
+    parts = []
+    for draw, keep in measurement_batches(counts, trainer.cfg.train.batch_size):
+        batch = trainer.aux_sampler.next_batch(counts=draw)
+        local = batch.domains.numpy()
+        gathered = all_gather_array(local, info).astype(np.int64)
+        mask = keep_mask(gathered, keep)
+        b = local.size
+        mine = mask[info.rank * b:(info.rank + 1) * b]
+        rows = torch.from_numpy(np.flatnonzero(mine))
+        parts.append(_Part(batch.tokens[rows], local[mine], mine, mask, gathered))
+    return parts
+
+
+def domains_gradient(trainer: Trainer, counts: np.ndarray) -> Direction:
+    """Σ_i ∇ mean_{x in domain i} ℓ_x on a fresh auxiliary batch with ``counts`` [m] samples per
+    domain (domains with count 0 left out): DoGE's sum of domain gradients, in one backward."""
+    grads = {n: torch.zeros_like(p, dtype=torch.float32)
+             for n, p in trainer.model.named_parameters() if p.requires_grad}
+    for part in _draw(trainer, counts):
+        if part.tokens.shape[0] == 0:
+            continue
+        # Weight 1 / (count of the sample's domain): the sum of the per-domain means.
+        w = torch.as_tensor(1.0 / counts[part.domains], dtype=torch.float32)
+        g = loss_gradient(trainer.model, part.tokens, w, chunk_size=trainer.cfg.eval.batch_size,
+                          autocast=trainer.autocast)
+        grads = {n: grads[n] + g[n] for n in grads}
+    return _all_reduce_direction(trainer, grads)
+
+
+def _probe_seed(trainer: Trainer, step: int, r: int) -> int:
+    seq = np.random.SeedSequence([_PROBE_TAG, trainer.cfg.train.seed, step + 1, r])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def measure_alignments(
+    trainer: Trainer,
+    step: int,
+    counts: np.ndarray,
+    direction: str = "target",
+    method: str = "jvp",
+    precondition_with_adam: bool = False,
+    probes: int = 0,
+    cache: dict[str, Any] | None = None,
+    target_windows: int = 0,
+) -> SampleAlignments:
+    """Per-sample ``<∇ℓ_x, P v>`` on a fresh measurement batch with exactly ``counts`` [m]
+    samples per domain (any positive total), drawn global batch by global batch from
+    ``trainer.aux_sampler``. ``direction`` is one of ``DIRECTIONS``; ``method`` "jvp" or "fd"
+    (the finite difference runs in float32 without autocast: bf16 rounding would swamp the
+    difference); ``probes`` adds that many seeded Gaussian directions (``probe_values``).
+    ``cache`` (per step) keeps the target and validation gradients between calls of one step.
+    ``target_windows`` > 0 computes the target gradient on a seeded subset of that many probe
+    windows (new at every step) instead of all of them.
+    The measured samples of a batch are its first ``keep[d]`` samples of each domain (padding
+    of the last batch is read, never measured).
+    """
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"alignment direction {direction!r} is not one of {', '.join(map(repr, DIRECTIONS))}.")
+    if method not in METHODS or method == "backward":
+        raise ConfigError(f"alignment method {method!r} is not one of 'jvp', 'fd'.")
+    if probes < 0 or target_windows < 0:
+        raise ConfigError(f"probes and target_windows must be >= 0, got {probes}, {target_windows}.")
+    c = _check_counts(trainer, counts)
+    cache = {} if cache is None else cache
+    if direction == "domains":
+        v = domains_gradient(trainer, c)
+    else:
+        key = f"direction:{direction}:{target_windows if direction == 'target' else 0}"
+        if key not in cache:
+            cache[key] = (target_gradient(trainer, target_windows, step) if direction == "target"
+                          else validation_gradient(trainer))
+        v = cache[key]
+    pv = precondition(v, trainer.optimizer, trainer.model) if precondition_with_adam else v
+    sq = dot(v, pv)
+    parts = _draw(trainer, c)
+    domains = np.concatenate([p.global_domains[p.global_mask] for p in parts])
+    autocast = contextlib.nullcontext if method == "fd" else trainer.autocast
+    chunk = trainer.cfg.eval.batch_size
+
+    def measure(d: Direction) -> np.ndarray:
+        out = []
+        for p in parts:
+            # Every rank takes part in the gather, also one with no measured row in this batch.
+            local = np.full(p.local_mask.size, np.nan)
+            if p.tokens.shape[0]:
+                local[p.local_mask] = per_sample_alignments(
+                    trainer.model, p.tokens, d, method, chunk_size=chunk, autocast=autocast
+                ).double().numpy()
+            out.append(all_gather_array(local, trainer.dist)[p.global_mask])
+        return np.concatenate(out)
+
+    values = measure(pv)
+    probe_values = np.zeros((probes, values.size))
+    for r in range(probes):
+        probe_values[r] = measure(gaussian_direction(trainer.model, _probe_seed(trainer, step, r)))
+    return SampleAlignments(values=values, domains=domains, direction_sq_norm=sq, probe_values=probe_values)
+
+
+def learning_rate_at(trainer: Trainer, step: int) -> float:
+    """The learning rate of 0-based optimizer step ``step`` under the run's schedule."""
+    o = trainer.cfg.optim
+    return lr_at(step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=trainer.cfg.train.steps,
+                 min_lr_ratio=o.min_lr_ratio)
+
+
+def probe_texts(trainer: Trainer) -> list[str]:
+    """The documents of the target's probe part, decoded from its windows (the windows were cut
+    from one stream of the probe documents, each ending with EOS, so flattening them in order
+    gives that stream back, up to the tail shorter than a window)."""
+    assert trainer.target is not None
+    stream = trainer.target.probe.reshape(-1).numpy()
+    ends = np.flatnonzero(stream == trainer.data.eos_id)
+    pieces = np.split(stream, ends + 1)
+    tok = trainer.data.tokenizer()
+    texts = [tok.decode([int(i) for i in p], skip_special_tokens=True) for p in pieces]
+    return [t for t in texts if t.strip()]
+
+
+def target_histogram(trainer: Trainer) -> np.ndarray:
+    """[m] distribution of the target's probe documents over the run's domains (clusters).
+
+    A target held out from one domain (``target.domain``) lies in that domain: one-hot. A
+    target given as text (``target.path``) is cut and assigned to the fine clusters of a
+    ``mixlab cluster`` data dir with its own embedder (``mixlab.data.cluster.cluster_histogram``,
+    token-weighted) and restricted to the run's domains; on a data dir that is not clustered
+    this raises a ``ConfigError`` that says to give the histogram as a mixer option instead.
+    """
+    cfg = trainer.cfg.target
+    if not cfg.enabled or trainer.target is None:
+        raise ConfigError(
+            "this mixer needs the target's cluster histogram: set target.path or target.domain, "
+            "or give mixer.options.histogram = {domain = weight, ...}."
+        )
+    if cfg.domain:
+        if cfg.domain not in trainer.domains:
+            raise ConfigError(
+                f"target.domain '{cfg.domain}' is not one of the run's domains {trainer.domains}; "
+                "give mixer.options.histogram instead."
+            )
+        h = np.zeros(trainer.m)
+        h[trainer.domains.index(cfg.domain)] = 1.0
+        return h
+    from mixlab.data.cluster import cluster_histogram
+    from mixlab.errors import DataError
+
+    try:
+        full = np.asarray(cluster_histogram(trainer.data, probe_texts(trainer)), dtype=np.float64)
+    except DataError as exc:
+        raise ConfigError(
+            f"cannot assign the target '{cfg.path}' to clusters: {exc} Or give "
+            "mixer.options.histogram = {domain = weight, ...} (the target's share per domain)."
+        ) from None
+    index = {d: i for i, d in enumerate(trainer.data.domains)}
+    return np.array([full[index[d]] for d in trainer.domains])
+
+
+def cluster_parents(trainer: Trainer) -> np.ndarray:
+    """[m] int64 coarse-cluster index of each run domain, from the data dir manifest's
+    ``extra["clusters"]["parents"]`` (written by ``mixlab cluster --coarse K1``): a list in the
+    manifest's domain order, or a mapping from domain name to coarse index."""
+    extra = trainer.data.manifest.extra or {}
+    clusters = extra.get("clusters")
+    parents = clusters.get("parents") if isinstance(clusters, dict) else None
+    if parents is None:
+        raise ConfigError(
+            f"data dir '{trainer.cfg.data.dir}' has no cluster hierarchy (manifest extra "
+            "'clusters.parents'); build it with `mixlab cluster --coarse K1`, or use the mixer "
+            "without distribution reweighting."
+        )
+    names = trainer.data.domains
+    if isinstance(parents, dict):
+        lookup = {str(k): v for k, v in parents.items()}
+    else:
+        if len(parents) != len(names):
+            raise ConfigError(
+                f"manifest clusters.parents has {len(parents)} entries for {len(names)} domains."
+            )
+        lookup = dict(zip(names, parents))
+    missing = [d for d in trainer.domains if d not in lookup]
+    if missing:
+        raise ConfigError(f"manifest clusters.parents has no entry for domain(s) {missing}.")
+    out = np.array([int(lookup[d]) for d in trainer.domains], dtype=np.int64)
+    if out.min() < 0:
+        raise ConfigError("manifest clusters.parents holds a negative coarse index.")
+    return out
+
