@@ -192,7 +192,7 @@ def test_failing_prepare_leaves_existing_data_dir_intact(built, tmp_path, monkey
     def boom(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prep.bpe, "encode_documents", boom)
+    monkeypatch.setattr(prep.bpe, "encode_text", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(cfg_for(src, out))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot

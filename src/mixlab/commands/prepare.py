@@ -92,10 +92,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shard-tokens",
         type=int,
-        default=_DEFAULTS.shard_tokens,
-        help="start a new shard past this many tokens, 0 = one shard (default: 0)",
+        default=None,
+        help="close a shard once it holds this many tokens, 0 = one shard per split "
+        "(default: 512 MiB of ids, 268,435,456 uint16 or 134,217,728 uint32 tokens)",
     )
     p.add_argument("--domains", default="", help="comma-separated subset of domains to prepare")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes that clean and tokenize, one core each; 1 = in this process; "
+        "0 = min(CPUs, 4), started once 8 MB of text has gone through (default: 0). "
+        "The output does not depend on it",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        default=_DEFAULTS.memory_mb,
+        help="cap on the text and token buffers in flight, all processes together, in MB, "
+        "at least 8 (default: %(default)g). The output does not depend on it",
+    )
     p.set_defaults(run=run)
 
 
@@ -119,6 +135,8 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_bytes_per_domain=None if mb is None else round(mb * 1e6),
         shard_tokens=args.shard_tokens,
         domains=[d.strip() for d in args.domains.split(",") if d.strip()],
+        workers=args.workers,
+        memory_mb=args.memory_mb,
     )
 
 

@@ -3,16 +3,21 @@
 ``prepare(cfg)`` runs four stages, all inside a temporary sibling of ``cfg.out`` that replaces
 it only when complete (``atomic_dir``), so a failure leaves what was at ``out`` untouched:
 
-1. ingest: stream every document of the source, clean it (``clean_text``), drop empty, short
-   and exact-duplicate documents (per domain, by hash), stop a domain at its byte cap, and spool
-   the kept UTF-8 text to a scratch file (memory holds only offsets and hashes);
+1. read (``mixlab.data.ingest``): stream every document of the source, clean it in worker
+   processes, drop empty, short and exact-duplicate documents (per domain, by digest), stop a
+   domain at its byte cap, and spool the kept UTF-8 text to a scratch file per domain;
 2. split: per domain, a seeded permutation of its documents gives disjoint test/val/train sets
    (before any tokenizer work, so that too small a domain fails fast);
 3. tokenizer: train a byte-level BPE on a sample with equal bytes per domain, or load one;
-4. encode: documents are tokenized in batches and appended to shards (``ShardWriter``).
+4. encode (``mixlab.data.encode``): workers tokenize runs of spooled documents; the main process
+   appends them, in order, to shards of at most about ``shard_tokens`` tokens.
 
-Re-running with the same inputs and options is a no-op: ``inputs_hash`` covers the options,
-the input files (paths, sizes, mtimes) or package versions, and the tokenizers version.
+Memory: the text and token buffers in flight stay under ``memory_mb`` (``BufferPlan``), and per
+document only a spool offset, a split label and (while reading) a digest are kept; the output is
+the same for any ``workers`` and ``memory_mb``, which are therefore left out of the inputs hash
+and of the manifest. Re-running with the same inputs and options is a no-op: ``inputs_hash``
+covers the options, the input files (paths, sizes, mtimes) or package versions, and the
+tokenizers version.
 """
 
 from __future__ import annotations
@@ -20,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import shlex
 import shutil
-import sys
+import time
 import zlib
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from mixlab.data.builtin import (
     BuiltinSource,
     package_versions,
 )
+from mixlab.data.encode import EncodeJob, encode_domains
 from mixlab.data.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -50,19 +54,38 @@ from mixlab.data.format import (
     DataDir,
     DomainInfo,
     Manifest,
-    ShardWriter,
-    SplitInfo,
     atomic_dir,
     dtype_for_vocab,
     write_json_atomic,
 )
-from mixlab.data.sources import RawDoc, TextSource, check_domain_name, open_source
+from mixlab.data.ingest import DomainIngest, check_ingest, clean_text, ingest
+from mixlab.data.parallel import (
+    AUTO_START_BYTES,
+    MIN_MEMORY_MB,
+    BufferPlan,
+    OrderedPool,
+    resolve_workers,
+)
+from mixlab.data.sources import TextSource, check_domain_name, open_source
 from mixlab.errors import ConfigError, DataError
+
+__all__ = [
+    "PrepareConfig",
+    "assign_splits",
+    "clean_text",
+    "equivalent_command",
+    "prepare",
+    "split_counts",
+    "summary_table",
+]
 
 PIPELINE_VERSION = 1
 """Bumped whenever cleaning, splitting or encoding changes, so that data dirs are rebuilt."""
-_ENCODE_BATCH_BYTES = 1 << 20
-_ENCODE_BATCH_DOCS = 512
+SHARD_BYTES = 1 << 29
+"""With ``shard_tokens`` unset, a shard is closed once it holds 512 MiB of ids: 268,435,456
+uint16 or 134,217,728 uint32 tokens."""
+EXECUTION_OPTIONS = ("workers", "memory_mb")
+"""Options that change how prepare runs, never what it writes: not hashed, not recorded."""
 
 Log = Callable[[str], None]
 
@@ -101,10 +124,23 @@ class PrepareConfig:
     max_bytes_per_domain: int | None = None
     """Keep at most about this many UTF-8 bytes per domain (the document that crosses the cap is
     kept); 0 = unlimited; unset = 6 MB for the built-in corpus, unlimited otherwise."""
-    shard_tokens: int = 0
-    """Start a new shard once one reaches this many tokens; 0 = one shard per domain split."""
+    shard_tokens: int | None = None
+    """Close a shard once it holds at least this many tokens and start the next (a shard exceeds
+    it by less than its last document); 0 = one shard per domain split; unset = 512 MiB of ids
+    (``SHARD_BYTES``: 268,435,456 uint16 or 134,217,728 uint32 tokens)."""
     domains: list[str] = field(default_factory=list)
     """Prepare only these domains (empty = all); manifest order stays the source's order."""
+    workers: int = 1
+    """Processes that clean and tokenize, one core each; 1 = all in this process; 0 = min(CPUs,
+    4), started once 8 MB of text has gone through (reading and encoding both count), so small
+    corpora stay in this process. The output is the same for any value. Workers are started with
+    ``spawn``, which re-imports the main script: a script that asks for workers must call
+    ``prepare`` under ``if __name__ == "__main__":`` (the CLI defaults to 0)."""
+    memory_mb: float = 1024.0
+    """Cap, in MB (10^6 bytes, at least 8), on the text and token buffers in flight in all
+    processes together; batch sizes follow from it (``BufferPlan``). Not counted: the
+    interpreters, each worker's tokenizer and word cache, the tokenizer training sample, and
+    9 bytes per document (35-61 while reading). The output is the same for any value."""
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -123,9 +159,17 @@ class PrepareConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {v}.")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("val_fraction + test_fraction must be below 1.")
-        for name in ("min_split_docs", "min_chars", "shard_tokens"):
+        for name in ("min_split_docs", "min_chars", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.shard_tokens is not None and self.shard_tokens < 0:
+            raise ConfigError(
+                f"shard_tokens must be >= 0 (0 = one shard), got {self.shard_tokens}."
+            )
+        if not self.memory_mb >= MIN_MEMORY_MB:
+            raise ConfigError(
+                f"memory_mb must be at least {MIN_MEMORY_MB:g}, got {self.memory_mb}."
+            )
         if self.max_bytes_per_domain is not None and self.max_bytes_per_domain < 0:
             raise ConfigError("max_bytes_per_domain must be >= 0 (0 = unlimited).")
         if self.tokenizer_sample_mb <= 0:
@@ -142,22 +186,6 @@ class PrepareConfig:
 
 
 # --- pure helpers ---------------------------------------------------------------------------
-
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> tuple[str, int]:
-    """Normalise newlines to ``\\n``, drop control characters (tab and newline stay) and byte-order
-    marks, strip surrounding whitespace. Lone surrogates (from JSON escapes) cannot be written
-    as UTF-8, so they become U+FFFD; returns (text, surrogates replaced).
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    n_sur = 0
-    if _SURROGATE.search(text):
-        text, n_sur = _SURROGATE.subn("\ufffd", text)
-    return text.strip(), n_sur
 
 
 def split_counts(
@@ -206,12 +234,19 @@ def max_bytes(cfg: PrepareConfig) -> int:
     return DEFAULT_MAX_BYTES_PER_DOMAIN if cfg.source == BUILTIN else 0
 
 
+def shard_tokens(cfg: PrepareConfig, dtype: np.dtype) -> int:
+    """The shard size in force for ids of ``dtype`` (0 = unlimited)."""
+    if cfg.shard_tokens is not None:
+        return cfg.shard_tokens
+    return SHARD_BYTES // dtype.itemsize
+
+
 def equivalent_command(cfg: PrepareConfig) -> str:
     """The ``mixlab prepare`` command line that makes the same data dir (defaults left out)."""
     args = ["mixlab", "prepare", "--source", cfg.source, "--out", cfg.out]
     defaults = PrepareConfig()
     for f in dataclasses.fields(cfg):
-        if f.name in ("source", "out"):
+        if f.name in ("source", "out", *EXECUTION_OPTIONS):
             continue
         value = getattr(cfg, f.name)
         if value == getattr(defaults, f.name):
@@ -223,146 +258,6 @@ def equivalent_command(cfg: PrepareConfig) -> str:
         else:
             args += [f"--{f.name.replace('_', '-')}", str(value)]
     return shlex.join(args)
-
-
-# --- ingest ---------------------------------------------------------------------------------
-
-
-class _Spool:
-    """Cleaned UTF-8 documents of one domain in a scratch file; only offsets stay in memory."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh: Any = open(path, "wb")  # noqa: SIM115 (kept open across add() calls)
-        self.offsets = array("q", [0])
-
-    def add(self, data: bytes) -> None:
-        self._fh.write(data)
-        self.offsets.append(self.offsets[-1] + len(data))
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def read(self, order: Iterator[int] | np.ndarray) -> Iterator[str]:
-        """Documents in the given order of indices."""
-        with open(self.path, "rb") as fh:
-            for j in order:
-                j = int(j)
-                fh.seek(self.offsets[j])
-                yield fh.read(self.offsets[j + 1] - self.offsets[j]).decode("utf-8")
-
-    def batches(self) -> Iterator[tuple[int, list[str]]]:
-        """(first index, texts) batches in file order, about ``_ENCODE_BATCH_BYTES`` each."""
-        start, texts, size = 0, [], 0
-        for j, text in enumerate(self.read(iter(range(len(self))))):
-            texts.append(text)
-            size += self.offsets[j + 1] - self.offsets[j]
-            if size >= _ENCODE_BATCH_BYTES or len(texts) >= _ENCODE_BATCH_DOCS:
-                yield start, texts
-                start, texts, size = j + 1, [], 0
-        if texts:
-            yield start, texts
-
-
-@dataclass
-class _DomainIngest:
-    name: str
-    spool: _Spool
-    read: int = 0
-    empty: int = 0
-    short: int = 0
-    duplicate: int = 0
-    replaced: int = 0
-    bytes: int = 0
-    capped: bool = False
-    seen: set[bytes] = field(default_factory=set)
-
-    @property
-    def dropped(self) -> int:
-        return self.empty + self.short + self.duplicate
-
-
-def _ingest(
-    source: TextSource, cfg: PrepareConfig, scratch: Path, progress: bool
-) -> dict[str, _DomainIngest]:
-    from tqdm import tqdm
-
-    cap = max_bytes(cfg)
-    wanted = set(cfg.domains)
-    states: dict[str, _DomainIngest] = {}
-
-    def wants(domain: str) -> bool:
-        if wanted and domain not in wanted:
-            return False
-        st = states.get(domain)
-        return st is None or not st.capped
-
-    bar = tqdm(desc="reading", unit="doc", file=sys.stderr, disable=True if not progress else None)
-    try:
-        doc: RawDoc
-        for doc in source.documents(wants):
-            st = states.get(doc.domain)
-            if st is None:
-                st = states[doc.domain] = _DomainIngest(
-                    doc.domain, _Spool(scratch / f"{doc.domain}.txt")
-                )
-            st.read += 1
-            bar.update(1)
-            text, surrogates = clean_text(doc.text)
-            if not text:
-                st.empty += 1
-                continue
-            if len(text) < cfg.min_chars:
-                st.short += 1
-                continue
-            data = text.encode("utf-8")
-            digest = hashlib.blake2b(data, digest_size=16).digest()
-            if digest in st.seen:
-                st.duplicate += 1
-                continue
-            st.seen.add(digest)
-            st.spool.add(data)
-            st.bytes += len(data)
-            st.replaced += doc.replaced + surrogates
-            if cap and st.bytes >= cap:
-                st.capped = True
-    finally:
-        bar.close()
-        for st in states.values():
-            st.spool.close()
-    return states
-
-
-def _check_ingest(
-    states: dict[str, _DomainIngest], source: TextSource, cfg: PrepareConfig
-) -> list[str]:
-    """The domains to write, in source order; errors for missing or emptied domains."""
-    known = source.domains if source.domains is not None else sorted(states)
-    missing = [d for d in cfg.domains if d not in known]
-    if missing:
-        raise DataError(
-            f"domain(s) {', '.join(missing)} not found in {source.label}; it has: "
-            f"{', '.join(known) or 'no domain'}."
-        )
-    names = [d for d in known if (not cfg.domains or d in cfg.domains)]
-    if not names:
-        raise DataError(f"source {source.label} holds no document.")
-    for d in names:
-        st = states.get(d)
-        if st is None or st.read == 0:
-            raise DataError(f"domain '{d}' in {source.label} is empty: it has no document.")
-        if len(st.spool) == 0:
-            raise DataError(
-                f"domain '{d}' has no document left after filtering: of {st.read} read, "
-                f"{st.empty} were empty, {st.short} shorter than min_chars={cfg.min_chars}, "
-                f"{st.duplicate} duplicates. Lower --min-chars or check the text field."
-            )
-    return names
 
 
 # --- the pipeline ---------------------------------------------------------------------------
@@ -379,7 +274,8 @@ def inputs_hash(cfg: PrepareConfig, source: TextSource) -> str:
     import tokenizers
 
     options = dataclasses.asdict(cfg)
-    options.pop("out")
+    for name in ("out", *EXECUTION_OPTIONS):
+        options.pop(name)
     options["max_bytes_per_domain"] = max_bytes(cfg)
     if cfg.tokenizer:
         options["tokenizer"] = (
@@ -423,20 +319,22 @@ def _check_out(out: Path, cfg: PrepareConfig) -> None:
 
 
 def _tokenizer_sample(
-    states: dict[str, _DomainIngest], names: list[str], cfg: PrepareConfig
+    states: dict[str, DomainIngest], names: list[str], cfg: PrepareConfig
 ) -> tuple[Iterator[str], int]:
     per_domain = int(cfg.tokenizer_sample_mb * 1e6) // len(names)
     streams = {}
     for d in names:
         spool = states[d].spool
         rng = np.random.default_rng([cfg.seed, zlib.crc32(d.encode("utf-8")), 1])
-        streams[d] = spool.read(rng.permutation(len(spool)))
+        # A document is cut to the domain's share before it is decoded; balanced_sample would
+        # cut it there anyway, so the sample is the same, without reading huge documents whole.
+        streams[d] = spool.read(rng.permutation(len(spool)), max_bytes=per_domain)
     return bpe.balanced_sample(streams, per_domain), per_domain
 
 
 def _train_or_copy_tokenizer(
     given: Any,
-    states: dict[str, _DomainIngest],
+    states: dict[str, DomainIngest],
     names: list[str],
     cfg: PrepareConfig,
     tmp: Path,
@@ -457,47 +355,19 @@ def _train_or_copy_tokenizer(
     return tok, per_domain
 
 
-def _write_domain(
-    st: _DomainIngest,
-    labels: np.ndarray,
-    tok: Any,
-    eos: int,
-    dtype: np.dtype,
-    cfg: PrepareConfig,
-    tmp: Path,
-    progress: bool,
-) -> dict[str, SplitInfo]:
-    """Encode a domain's spooled documents in batches and append each to its split's shards."""
-    from tqdm import tqdm
-
-    writers = {s: ShardWriter(tmp, st.name, s, dtype, cfg.shard_tokens) for s in SPLITS}
-    offsets = st.spool.offsets
-    with tqdm(
-        total=st.bytes,
-        desc=f"encoding {st.name}",
-        unit="B",
-        unit_scale=True,
-        file=sys.stderr,
-        disable=True if not progress else None,
-    ) as bar:
-        for start, texts in st.spool.batches():
-            for j, ids in enumerate(bpe.encode_documents(tok, texts, eos), start=start):
-                writers[SPLITS[labels[j]]].add(ids)
-            bar.update(offsets[start + len(texts)] - offsets[start])
-    return {s: w.close() for s, w in writers.items()}
-
-
 def _extra(
     cfg: PrepareConfig,
     source: TextSource,
-    states: dict[str, _DomainIngest],
+    states: dict[str, DomainIngest],
     names: list[str],
     trained: bool,
     sample_bytes: int,
+    shards: int,
 ) -> dict[str, Any]:
     """The manifest's free-form record of how the data dir was made."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_OPTIONS}
     extra: dict[str, Any] = {
-        "prepare": {**dataclasses.asdict(cfg), "max_bytes_per_domain": max_bytes(cfg)},
+        "prepare": {**options, "max_bytes_per_domain": max_bytes(cfg), "shard_tokens": shards},
         "dropped": {
             d: {
                 "empty": states[d].empty,
@@ -516,6 +386,27 @@ def _extra(
     return extra
 
 
+def _refuse_in_worker_bootstrap() -> None:
+    """Raise when called while a spawned process re-imports the main script.
+
+    That happens when a script calls ``prepare`` with workers at module level: each worker
+    would run the whole script again (another prepare of the same data dir) before serving.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise DataError(
+            "prepare() was called while a worker process imported the main script; call it "
+            'under `if __name__ == "__main__":` when workers > 1 (or use --workers 1).'
+        )
+
+
+def _rate(n_bytes: int, seconds: float) -> str:
+    return (
+        f"{n_bytes / 1e6:.2f} MB in {seconds:.1f} s ({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s)"
+    )
+
+
 def prepare(
     cfg: PrepareConfig, *, log: Log | None = None, progress: bool = False, command: str = ""
 ) -> DataDir:
@@ -525,6 +416,7 @@ def prepare(
     ``progress`` shows tqdm bars on stderr when it is a terminal; ``command`` is recorded in the
     manifest (default: the equivalent ``mixlab prepare`` command line).
     """
+    _refuse_in_worker_bootstrap()
     say = log or (lambda _msg: None)
     out = Path(cfg.out)
     source = _open_source(cfg)
@@ -535,15 +427,35 @@ def prepare(
         return existing
     _check_out(out, cfg)
     given = bpe.load_tokenizer(cfg.tokenizer, cfg.eos_token) if cfg.tokenizer else None
+    workers = resolve_workers(cfg.workers)
+    plan = BufferPlan.from_cap(cfg.memory_mb, workers)
+    start_after = AUTO_START_BYTES if cfg.workers == 0 else 0
 
-    with atomic_dir(out) as tmp:
+    # The pool is inside atomic_dir: on failure it stops its workers before the scratch files
+    # they read are removed.
+    with atomic_dir(out) as tmp, OrderedPool(workers, plan.depth, start_after) as pool:
         scratch = tmp / "_scratch"
         scratch.mkdir()
-        say(f"reading {source.label} ...")
-        states = _ingest(source, cfg, scratch, progress)
+        say(
+            f"reading {source.label} ({workers} worker process(es) at most, buffers capped at "
+            f"{cfg.memory_mb:g} MB) ..."
+        )
+        t0 = time.perf_counter()
+        states = ingest(
+            source,
+            domains=cfg.domains,
+            min_chars=cfg.min_chars,
+            max_bytes=max_bytes(cfg),
+            scratch=scratch,
+            pool=pool,
+            batch_bytes=plan.read_batch_bytes,
+            progress=progress,
+        )
         for note in source.notes:
             say(f"note: {note}")
-        names = _check_ingest(states, source, cfg)
+        names = check_ingest(states, source, cfg.domains, cfg.min_chars)
+        kept = sum(states[d].bytes for d in names)
+        say(f"read and cleaned: kept {_rate(kept, time.perf_counter() - t0)}")
         # Split before training the tokenizer, so that too small a domain fails fast.
         labels = {}
         for d in names:
@@ -561,33 +473,54 @@ def prepare(
         tok, sample_bytes = _train_or_copy_tokenizer(given, states, names, cfg, tmp, say)
         vocab, eos = bpe.vocab_size(tok), bpe.eos_id(tok, cfg.eos_token)
         dtype = dtype_for_vocab(vocab)
-        infos = []
-        for d in names:
-            st = states[d]
-            splits = _write_domain(st, labels[d], tok, eos, dtype, cfg, tmp, progress)
-            infos.append(
-                DomainInfo(
-                    name=d,
-                    splits=splits,
-                    source=source.origin(d),
-                    bytes=st.bytes,
-                    replaced_chars=st.replaced,
-                    dropped_docs=st.dropped,
-                )
+        shards = shard_tokens(cfg, dtype)
+        tokenizer_sha = bpe.sha256_file(tmp / TOKENIZER)
+        job = EncodeJob(
+            tokenizer=str(tmp / TOKENIZER),
+            tokenizer_sha256=tokenizer_sha,
+            eos_token=cfg.eos_token,
+            dtype=dtype.name,
+            piece_bytes=plan.piece_bytes,
+            cut=bpe.cuts_exactly(tok),
+        )
+        splits, seconds = encode_domains(
+            states,
+            names,
+            labels,
+            job,
+            out=tmp,
+            shard_tokens=shards,
+            pool=pool,
+            plan=plan,
+            progress=progress,
+        )
+        n_tokens = sum(i.tokens for d in names for i in splits[d].values())
+        used = workers if pool.started else 1
+        say(f"encoded {_rate(kept, seconds)} into {n_tokens:,} tokens with {used} process(es)")
+        infos = [
+            DomainInfo(
+                name=d,
+                splits=splits[d],
+                source=source.origin(d),
+                bytes=states[d].bytes,
+                replaced_chars=states[d].replaced,
+                dropped_docs=states[d].dropped,
             )
+            for d in names
+        ]
         shutil.rmtree(scratch)
         manifest = Manifest(
             domains=infos,
             vocab_size=vocab,
             eos_id=eos,
             dtype=dtype.name,
-            tokenizer_sha256=bpe.sha256_file(tmp / TOKENIZER),
+            tokenizer_sha256=tokenizer_sha,
             created_by=f"mixlab {__version__}",
             command=command or equivalent_command(cfg),
             source=source.label,
             inputs_hash=digest,
             seed=cfg.seed,
-            extra=_extra(cfg, source, states, names, given is None, sample_bytes),
+            extra=_extra(cfg, source, states, names, given is None, sample_bytes, shards),
         )
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
     return DataDir.open(out)

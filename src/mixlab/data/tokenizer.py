@@ -4,11 +4,15 @@ A byte-level BPE (GPT-2 style: no normaliser, byte-to-unicode pre-tokenizer, no 
 maps every string to ids and back exactly, so ``decode(encode(text)) == text`` for any text.
 The one special token (``EOS_TOKEN`` unless told otherwise) ends every document; it is never
 produced from document text: a literal ``<|endoftext|>`` inside a document is encoded as bytes.
+
+Long documents can be encoded in pieces with exactly the ids of the whole (``cuts_exactly`` says
+when, ``cut_point`` finds where), so that encoding memory does not grow with document size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +103,98 @@ def encode_documents(tok: Any, texts: Sequence[str], eos: int) -> list[np.ndarra
         ids[-1] = eos
         out.append(ids)
     return out
+
+
+def encode_text(tok: Any, text: str) -> list[int]:
+    """Token ids of ``text`` (no EOS), on the calling thread.
+
+    ``Tokenizer.encode`` of one text never uses the Rust thread pool, so a worker process that
+    calls it uses one core; special tokens inside the text are encoded as ordinary text.
+    """
+    tok.encode_special_tokens = True
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+# --- exact encoding in pieces ---------------------------------------------------------------
+#
+# A GPT-2 style byte-level BPE (no normaliser, ByteLevel pre-tokenizer with the GPT-2 regex and
+# no prefix space, BPE without dropout, no added token but special ones) encodes each piece
+# that its regex cuts the text into on its own. So cutting a text where the regex always cuts,
+# whatever comes before or after, leaves the ids unchanged. One such place: a single space, tab
+# or newline between two non-whitespace characters. Proof, for text s cut at p (s[p-1] and
+# s[p+1] not whitespace, s[p] in " \t\n"): the regex alternatives
+#     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# that can match a non-whitespace character cannot extend over a following whitespace one, so
+# the match holding s[p-1] ends at p, in s and in s[:p] alike (matches before it only look one
+# character past their end). From p, a space followed by s[p+1] is matched by the one
+# ` ?` alternative that fits s[p+1]; a tab or newline followed by non-whitespace is matched
+# alone by `\s+`: both depend on s[p:p+2] only, and the pattern has no look-behind, so s[p:]
+# is cut as s is from p on. Python's str.isspace() holds for every character the Rust regex
+# calls whitespace (and a few control characters more), so "not isspace()" is safe.
+
+_CUT_BYTES = (b" ", b"\n", b"\t")
+
+
+def cuts_exactly(tok: Any) -> bool:
+    """True when encoding a text cut at ``cut_point`` gives exactly the ids of the whole text.
+
+    Holds for the byte-level BPE that ``train_bpe`` makes and for GPT-2 style tokenizers;
+    anything else (a normaliser, another pre-tokenizer, a prefix space, BPE dropout, non-special
+    added tokens) is encoded whole.
+    """
+    spec = json.loads(tok.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    model = spec.get("model") or {}
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("add_prefix_space") is False
+        and pre.get("use_regex", True) is True
+        and model.get("type") == "BPE"
+        and model.get("dropout") in (None, 0.0)
+        and all(t.get("special") for t in spec.get("added_tokens") or [])
+    )
+
+
+def _char_before(data: bytes, p: int) -> str:
+    """The character that ends just before byte ``p`` of UTF-8 ``data`` ('' at the start)."""
+    i = p - 1
+    while i > 0 and p - i < 4 and data[i] & 0xC0 == 0x80:  # continuation bytes
+        i -= 1
+    if i < 0 or data[i] & 0xC0 == 0x80:  # no complete character inside ``data``
+        return ""
+    return data[i:p].decode("utf-8", errors="replace")
+
+
+def _char_at(data: bytes, p: int) -> str:
+    """The character that starts at byte ``p`` of UTF-8 ``data`` ('' past the end)."""
+    if p >= len(data):
+        return ""
+    lead = data[p]
+    size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    if p + size > len(data):  # cut off by the end of ``data``: unknown
+        return ""
+    return data[p : p + size].decode("utf-8", errors="replace")
+
+
+def cut_point(data: bytes, limit: int) -> int | None:
+    """The largest byte offset p in [1, limit] where ``data`` may be cut for exact encoding.
+
+    ``data`` is UTF-8 text that goes on after its end (p must leave a character after the
+    whitespace inside ``data``). ``data[:p]`` and ``data[p:]`` then encode, with a tokenizer for
+    which ``cuts_exactly`` holds, to ids whose concatenation is the ids of the whole. None when
+    there is no such place (a text without single spaces between words).
+    """
+    hi = min(limit, len(data) - 2) + 1  # exclusive upper end of candidate positions
+    while hi > 1:
+        p = max(data.rfind(b, 1, hi) for b in _CUT_BYTES)
+        if p < 1:
+            return None
+        before, after = _char_before(data, p), _char_at(data, p + 1)
+        if before and after and not before.isspace() and not after.isspace():
+            return p
+        hi = p
+    return None
 
 
 def decode(tok: Any, ids: Sequence[int] | np.ndarray) -> str:
