@@ -1,0 +1,107 @@
+"""The "groups" benchmark: a CPU-sized analogue of Aioli's Table 2.
+
+Settings on the built-in corpus: two different domain pairs, three domains, and all five.
+Methods: stratified, DoReMi, ODM, Skill-It, Aioli and DoGE (when registered), each over the
+same seeds, model, budget and evaluation (``mixlab compare``). Prints, per setting and method,
+the paired difference of average test perplexity from stratified (mean ± std over seeds), the
+settings each method beats stratified in, and its wall time over stratified's.
+
+    python benchmarks/bench_groups.py [--seeds 3] [--steps 300] [--jobs 2] [--out runs/groups]
+
+Finished runs are reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+from mixlab.commands.demo import cache_dir, load_demo_config
+from mixlab.config import apply_overrides
+from mixlab.data.prepare import PrepareConfig, prepare
+from mixlab.mixers.base import MIXERS, mixer_class
+from mixlab.report.compare import Progress, compare, plan_compare
+
+SETTINGS = {
+    "code+legal": ["code", "legal"],
+    "literature+news": ["literature", "news"],
+    "code+medical+news": ["code", "medical", "news"],
+    "all 5": ["code", "legal", "literature", "medical", "news"],
+}
+METHODS = ["stratified", "doremi", "odm", "skillit", "aioli", "doge"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="runs/groups")
+    args = ap.parse_args()
+
+    data_dir = cache_dir() / "builtin-v2048"
+    prepare(PrepareConfig(source="builtin", out=str(data_dir), vocab_size=2048))
+    mixer_class("stratified")
+    methods = [m for m in METHODS if m in MIXERS]
+    rows: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for setting, domains in SETTINGS.items():
+        raw = apply_overrides(load_demo_config(), [
+            f"train.steps={args.steps}",
+            "eval.every=100",
+            "eval.windows=16",
+            "eval.signal_windows=8",
+            "eval.test_windows=64",
+            # Aioli: 2 rounds of 150 steps, each probing every domain once for 2 steps.
+            "mixers.aioli.options.round_steps=150",
+            "mixers.aioli.options.lp_rounds=1",
+            "mixers.aioli.options.lp_steps=2",
+            "mixers.skillit.options.graph_steps=15",
+            "mixers.skillit.options.graph_at_step=50",
+            "mixers.skillit.options.update_every=50",
+            "mixers.skillit.options.eval_every=25",
+        ])
+        raw.pop("demo", None)
+        raw.pop("target", None)
+        raw["data"]["dir"] = str(data_dir)
+        raw["data"]["domains"] = domains
+        raw["mixers"] = {k: v for k, v in raw.get("mixers", {}).items() if k in methods}
+        out = Path(args.out) / setting.replace("+", "_").replace(" ", "")
+        plan = plan_compare(None, out, mixers=methods, seeds=args.seeds, raw=raw)
+        print(f"== {setting}: {len(plan.specs)} runs -> {out}", file=sys.stderr, flush=True)
+        compare(plan, jobs=args.jobs, progress=Progress(), title=f"groups: {setting}")
+        with open(out / "comparison.csv", newline="") as fh:
+            for r in csv.DictReader(fh):
+                rows.setdefault(setting, {}).setdefault(r["method"], []).append(r)
+
+    print(f"\nAverage test perplexity, paired difference from stratified (mean ± std over "
+          f"{args.seeds} seeds); {args.steps} steps, d64/L2 GPT, vocab 2048, batch 16 x 128.\n")
+    header = "| method | " + " | ".join(SETTINGS) + " | beats stratified | wall time vs stratified |"
+    print(header)
+    print("|" + "---|" * (len(SETTINGS) + 3))
+    for m in methods:
+        cells, wins, ratios = [], 0, []
+        for setting in SETTINGS:
+            runs = [r for r in rows[setting].get(m, []) if r["seed"] not in ("", "mean", "std")]
+            diffs = [float(r["diff_avg_ppl"]) for r in runs if r["diff_avg_ppl"]]
+            ratios += [float(r["time_ratio"]) for r in runs if r["time_ratio"]]
+            base = [float(r["avg_test_ppl"]) for r in rows[setting]["stratified"]
+                    if r["seed"] not in ("", "mean", "std")]
+            if m == "stratified":
+                cells.append(f"{statistics.mean(base):.2f} (absolute)")
+                continue
+            mean = statistics.mean(diffs)
+            std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            noise = abs(mean) <= 2 * std / len(diffs) ** 0.5
+            wins += mean < 0
+            cells.append(f"{mean:+.2f} ± {std:.2f}{' (noise)' if noise else ''}")
+        ratio = f"{statistics.mean(ratios):.3f}" if ratios else "1.000"
+        won = "—" if m == "stratified" else f"{wins}/{len(SETTINGS)}"
+        print(f"| {m} | " + " | ".join(cells) + f" | {won} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
