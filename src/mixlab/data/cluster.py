@@ -100,6 +100,8 @@ from mixlab.data.format import (
     Manifest,
     ShardWriter,
     atomic_dir,
+    check_replaceable,
+    open_if_current,
     write_json_atomic,
 )
 from mixlab.data.kmeans import (
@@ -320,25 +322,9 @@ def equivalent_command(cfg: ClusterConfig) -> str:
 
 
 def _check_out(out: Path, data: DataDir) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out '{out}' is a file; give a folder for the data dir.")
     if out.resolve() == data.root.resolve():
         raise DataError(f"--out '{out}' is the input data dir; write the clusters elsewhere.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise DataError(
-            f"--out '{out}' exists and is not a mixlab data dir (no {MANIFEST}); refusing to "
-            "replace it. Choose another folder or remove it."
-        )
-
-
-def _up_to_date(out: Path, digest: str) -> DataDir | None:
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        existing = DataDir.open(out)
-    except DataError:
-        return None
-    return existing if existing.manifest.inputs_hash == digest else None
+    check_replaceable(out)
 
 
 def _fit_embedder(
@@ -497,7 +483,7 @@ def cluster(
     data = DataDir.open(cfg.data)
     out = Path(cfg.out)
     digest = inputs_hash(cfg, data)
-    existing = _up_to_date(out, digest)
+    existing = open_if_current(out, digest)
     if existing is not None:
         say(f"{out} is up to date (same input and options, hash {digest[:12]}); nothing to do.")
         return existing

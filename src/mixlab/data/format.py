@@ -401,3 +401,27 @@ class DataDir:
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.root / TOKENIZER))
+
+
+def open_if_current(out: Path, inputs_hash: str) -> DataDir | None:
+    """The data dir at ``out`` if it is valid and was built from ``inputs_hash``, else None
+    (so that re-running a build with the same inputs and options is a no-op)."""
+    if not (Path(out) / MANIFEST).is_file():
+        return None
+    try:
+        data = DataDir.open(out)
+    except DataError:
+        return None
+    return data if data.manifest.inputs_hash == inputs_hash else None
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to build over an existing, non-empty folder that is not a data dir."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out '{out}' is a file; give a folder for the data dir.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise DataError(
+            f"--out '{out}' exists and is not a mixlab data dir (no {MANIFEST}); refusing to "
+            "replace it. Choose another folder or remove it."
+        )

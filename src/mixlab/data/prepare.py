@@ -55,7 +55,9 @@ from mixlab.data.format import (
     DomainInfo,
     Manifest,
     atomic_dir,
+    check_replaceable,
     dtype_for_vocab,
+    open_if_current,
     write_json_atomic,
 )
 from mixlab.data.ingest import DomainIngest, check_ingest, clean_text, ingest
@@ -292,24 +294,8 @@ def inputs_hash(cfg: PrepareConfig, source: TextSource) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _up_to_date(out: Path, digest: str) -> DataDir | None:
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        data = DataDir.open(out)
-    except DataError:
-        return None
-    return data if data.manifest.inputs_hash == digest else None
-
-
 def _check_out(out: Path, cfg: PrepareConfig) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out '{out}' is a file; give a folder for the data dir.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise DataError(
-            f"--out '{out}' exists and is not a mixlab data dir (no {MANIFEST}); refusing to "
-            "replace it. Choose another folder or remove it."
-        )
+    check_replaceable(out)
     if cfg.source != BUILTIN:
         src, dst = Path(cfg.source).resolve(), out.resolve()
         if src.is_dir() and (dst == src or src in dst.parents):
@@ -421,7 +407,7 @@ def prepare(
     out = Path(cfg.out)
     source = _open_source(cfg)
     digest = inputs_hash(cfg, source)
-    existing = _up_to_date(out, digest)
+    existing = open_if_current(out, digest)
     if existing is not None:
         say(f"{out} is up to date (same inputs and options, hash {digest[:12]}); nothing to do.")
         return existing
