@@ -354,3 +354,38 @@ def test_two_processes_draw_disjoint_slices_and_agree(tiny_data, tmp_path):
     np.testing.assert_allclose(r0["weights"], [h.weights for h in one.history], rtol=0, atol=1e-6)
     np.testing.assert_allclose(r0["losses"], [h.loss for h in one.history], rtol=1e-6)
     assert not np.allclose(r0["weights"][-1], 1 / 3)
+
+
+def test_frozen_weighting_model_multiplies_each_samples_loss(tiny_data, tmp_path):
+    """A data weighting model trained by `mixlab train` weights each sample of the Trainer's
+    micro-batches (frozen): the returned loss is Σ w_i ℓ_i / B with w = b·softmax(score)."""
+    from tests.train.conftest import tiny_overrides
+
+    from mixlab.train.config import load_config
+    from mixlab.train.loop import train
+    from mixlab.weighting import batch_weights, load_net
+
+    run = tmp_path / "dwm-run"
+    train(load_config(None, tiny_overrides(tiny_data, [
+        "weighting.name='dwm'", "weighting.stages=2", "weighting.updates_per_stage=8"])), run)
+    model = gpt2()
+    cb = MixlabCallback(tiny_data, "stratified", seq_len=SEQ, weighting=run)
+    returned: list[float] = []
+    trainer(tmp_path / "out", cb, model, steps=2, learning_rate=0.0, loss_log=returned).train()
+    net, _ = load_net(run, DataDir.open(tiny_data).manifest.tokenizer_sha256, ["a", "b", "c"])
+    wrapped = HFCausalLM(model)
+    for h, batch in zip(cb.history, replay(tiny_data, cb)):
+        with torch.no_grad():
+            ell = per_sample_loss(wrapped, batch.tokens).double().numpy()
+        for k in range(GA):
+            part = slice(k * MICRO, (k + 1) * MICRO)
+            with torch.no_grad():
+                w = batch_weights(net(batch.tokens[part, :-1]), 1.0).double().numpy()
+            assert not np.allclose(w, 1.0)
+            np.testing.assert_allclose(returned[h.step * GA + k], (w * ell[part]).sum() / B, rtol=1e-5)
+    other = tmp_path / "other"
+    from mixlab.data.synthetic import make_synthetic_datadir
+
+    make_synthetic_datadir(other, {"a": 10, "b": 10}, vocab_size=80)
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        MixlabCallback(other, "stratified", seq_len=SEQ, weighting=run)

@@ -61,12 +61,15 @@ def make_synthetic_datadir(
     seed: int = 0,
     shard_tokens: int = 0,
     patterned: bool = True,
+    shuffled_copies: dict[str, str] | None = None,
 ) -> Path:
     """Write a data dir with ``domains[name]`` train documents per domain.
 
     Patterned domains are learnable: domain k emits tokens from its own band of the vocabulary
     with a simple successor rule plus noise, so a small model can tell domains apart.
-    ``split_docs`` gives val/test document counts (default 8 each).
+    ``split_docs`` gives val/test document counts (default 8 each). ``shuffled_copies`` maps a
+    domain to another one whose kind of document it holds with the tokens of each document
+    shuffled (corrupted text: the same tokens, no order), e.g. ``{"noisy": "clean"}``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,13 @@ def make_synthetic_datadir(
     infos = []
     m = len(domains)
     band = max(2, (vocab_size - 1) // max(1, m))
-    for k, (name, n_train) in enumerate(domains.items()):
+    names = list(domains)
+    copies = shuffled_copies or {}
+    for name, like in copies.items():
+        if name not in domains or like not in domains or like in copies:
+            raise ValueError(f"shuffled_copies: {name!r} -> {like!r} must map a domain to an uncorrupted one.")
+    for name, n_train in domains.items():
+        k = names.index(copies.get(name, name))
         splits = {}
         for split in SPLITS:
             n_docs = n_train if split == "train" else split_docs[split]
@@ -89,6 +98,8 @@ def make_synthetic_datadir(
                     seq[0] = x[0]
                     for t in range(1, doc_len - 1):
                         seq[t] = (seq[t - 1] + 1 + k) % band if rng.random() < 0.8 else x[t]
+                    if name in copies:
+                        seq = rng.permutation(seq)
                     ids = np.append(start + seq, 0)
                 else:
                     ids = np.append(rng.integers(1, vocab_size, size=doc_len - 1), 0)

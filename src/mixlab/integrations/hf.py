@@ -97,6 +97,8 @@ from mixlab.train.distributed import (
 )
 from mixlab.train.evaluate import EvalSet
 from mixlab.train.signals import per_domain_mean
+from mixlab.weighting.config import WeightingConfig
+from mixlab.weighting.dwm import DataWeighter, load_net
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -351,6 +353,10 @@ class MixlabCallback(TrainerCallback):
         check_ranks: all-reduce a checksum of the mixture at every step and stop if ranks differ.
         resume_from: the checkpoint folder to read ``mixlab_state.pt`` from on resume, when it is
             not ``<output_dir>/checkpoint-<global_step>`` (a checkpoint of another output dir).
+        weighting: a trained data weighting model (a ``mixlab train`` run dir with
+            ``weighting.name = "dwm"``, or its ``dwm.safetensors``), used frozen: each sample's
+            loss is also multiplied by its weight (mean 1 per micro-batch). Its tokenizer must be
+            the data dir's. Training a weighting model bi-level needs ``mixlab train``.
     """
 
     def __init__(
@@ -368,6 +374,7 @@ class MixlabCallback(TrainerCallback):
         reference_model: nn.Module | None = None,
         check_ranks: bool = True,
         resume_from: str | Path | None = None,
+        weighting: str | Path | None = None,
     ):
         self.data = data if isinstance(data, DataDir) else DataDir.open(data)
         self.domains = list(domains) if domains is not None else list(self.data.domains)
@@ -401,6 +408,10 @@ class MixlabCallback(TrainerCallback):
         self.train_tokens = np.array(
             [self.data.split(d, "train").n_tokens for d in self.domains], dtype=np.int64
         )
+        self.weighting = None if weighting is None else Path(weighting)
+        if self.weighting is not None:  # fail now, not at on_train_begin, on a model that does not fit
+            load_net(self.weighting, self.data.manifest.tokenizer_sha256, self.domains)
+        self.weighter: DataWeighter | None = None
         self.train_dataset = MixtureSlots(seq_len)
         """Pass as the Trainer's ``train_dataset``."""
 
@@ -519,6 +530,13 @@ class MixlabCallback(TrainerCallback):
         self._device = torch.device(args.device)
         if self.reference_model is not None:
             self.reference_model.to(self._device).eval()
+        if self.weighting is not None:
+            self.weighter = DataWeighter(
+                WeightingConfig(name="dwm", load=str(self.weighting), frozen=True),
+                vocab_size=self.data.vocab_size, domains=self.domains,
+                tokenizer_sha256=self.data.manifest.tokenizer_sha256,
+                total_steps=int(args.max_steps), device=self._device, seed=self._seed,
+            )
         self._eval_cache = None
         self._active = None
         self._checked_inputs = False
@@ -633,7 +651,7 @@ class MixlabCallback(TrainerCallback):
         b = active.micro
         targets = active.batch.tokens[k * b : (k + 1) * b, 1:].to(logits.device, non_blocking=True)
         losses = per_sample_cross_entropy(logits, targets)
-        factors = self._sample_factors(active, k)
+        factors = self._sample_factors(active, k, losses)
         weighted = losses if factors is None else losses * factors.to(losses.device)
         loss = weighted.sum() / (b * len(active.losses))
         if (
@@ -648,18 +666,21 @@ class MixlabCallback(TrainerCallback):
         active.current = None
         return loss
 
-    def _sample_factors(self, active: _ActiveStep, k: int) -> torch.Tensor | None:
-        """Per-sample loss multipliers [b] of micro-batch ``k``, or None for plain averaging.
+    def _sample_factors(self, active: _ActiveStep, k: int, losses: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample loss multipliers [b] of micro-batch ``k`` (``losses`` [b] its per-sample
+        losses), or None for plain averaging: the mixer's w_d / q_d of each sample's domain
+        times the frozen weighting model's weight of the sample.
 
-        This is the one place a sample's weight in the loss is decided; a per-sample weighter
-        (DWM) multiplies its weights in here and is updated next to ``mixer.observe`` in
-        ``on_step_end``, from the same per-step signals.
+        This is the one place a sample's weight in the loss is decided.
         """
-        if active.factors is None:
-            return None
         b = active.micro
         domains = active.batch.domains[k * b : (k + 1) * b]
-        return torch.as_tensor(active.factors, dtype=torch.float32)[domains]
+        out = None if active.factors is None else torch.as_tensor(active.factors, dtype=torch.float32)[domains]
+        if self.weighter is not None:
+            tokens = active.batch.tokens[k * b : (k + 1) * b]
+            w = self.weighter.weights(tokens, domains, losses.detach(), active.step).cpu()
+            out = w if out is None else out * w
+        return out
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -19,6 +19,7 @@ from mixlab import __version__
 from mixlab.errors import MixlabError
 from mixlab.report import plots
 from mixlab.report.compare import PLAN_FILE
+from mixlab.report.dwm import dwm_markdown
 from mixlab.report.runs import Run, collect_runs, is_compare_dir
 from mixlab.report.table import Comparison, build_comparison, to_markdown
 
@@ -92,6 +93,8 @@ def build_report(
     ]
     figs = [f for f in figures if f is not None]
     table_md = to_markdown(cmp, title="Results") if cmp else ""
+    if weighting_md := dwm_markdown(ordered):
+        table_md = f"{table_md}\n\n{weighting_md}" if table_md else weighting_md
     md = summary_markdown(title, table_md, figs, notes, ordered)
     md_path = out / SUMMARY_MD
     md_path.write_text(md, encoding="utf-8")

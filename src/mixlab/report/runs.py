@@ -46,10 +46,17 @@ class Run:
 
     @property
     def mixer(self) -> str:
+        """The method: the mixer's name, with '+dwm' when samples were weighted by a DWM."""
         if self.summary and self.summary.get("mixer"):
-            return str(self.summary["mixer"])
-        name = self.config.get("mixer", {}).get("name")
-        return str(name) if name else self.path.name
+            name = str(self.summary["mixer"])
+        else:
+            name = self.config.get("mixer", {}).get("name") or ""
+            if not name:
+                return self.path.name
+        weighting = self.config.get("weighting", {}).get("name", "none")
+        if self.summary and isinstance(self.summary.get("weighting"), dict):
+            weighting = self.summary["weighting"].get("name", weighting)
+        return f"{name}+{weighting}" if weighting and weighting != "none" else str(name)
 
     @property
     def seed(self) -> int:

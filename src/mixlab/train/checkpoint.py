@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ RESUME_FREE_KEYS = (
     "train.progress",
     "train.threads",
     "train.device",
+    "train.parallel",  # DDP and FSDP checkpoints are the same full, unsharded tensors
     "checkpoint.keep",
     "checkpoint.every",
     "log.tensorboard",
@@ -61,11 +63,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return diffs
 
 
-def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_tensors(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied embeddings): store each tensor once by name.
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    items = model.state_dict().items() if isinstance(model, torch.nn.Module) else model.items()
+    for name, t in items:
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
             continue
@@ -74,8 +77,8 @@ def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: torch.nn.Module, path: Path) -> None:
-    """Save model weights as safetensors, atomically."""
+def save_model(model: torch.nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
+    """Save model weights (a module, or its full state dict) as safetensors, atomically."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -121,9 +124,16 @@ def to_plain(obj: Any) -> Any:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any], config: dict, keep: int
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    state: dict[str, Any],
+    config: dict,
+    keep: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (temp folder, then rename) and prune old ones."""
+    """Write checkpoint ``step`` atomically (temp folder, then rename) and prune old ones.
+
+    ``model`` is the module or its full state dict (FSDP gathers one on rank 0)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from mixlab.config import apply_overrides, from_dict, load_toml
 from mixlab.errors import ConfigError
 from mixlab.model import ModelConfig
+from mixlab.weighting.config import WeightingConfig
 
 
 @dataclass
@@ -83,8 +84,15 @@ class TrainLoopConfig:
     check_ranks: bool = True
     """Multi-process runs: all-reduce a checksum of the mixture at every step and stop if ranks
     disagree (costs one tiny all-reduce per step)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Multi-process runs: 'ddp' keeps a full copy of the model, gradients and optimizer state on
+    every rank; 'fsdp' shards them over the ranks (FSDP2, one unit per transformer block) for
+    models that do not fit one device. Checkpoints are the same either way. 'fsdp' refuses the
+    mixers that need the whole model on every rank (dga, doge, skillit)."""
 
     def __post_init__(self) -> None:
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}.")
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}.")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -203,6 +211,14 @@ class TrainConfig:
     """Checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
     """Extra logging."""
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    """Per-sample weighting inside each batch (the Data Weighting Model); off by default."""
+
+    def __post_init__(self) -> None:
+        if self.train.parallel == "fsdp":
+            from mixlab.train.fsdp import check_mixer
+
+            check_mixer(self.mixer.name)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

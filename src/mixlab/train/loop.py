@@ -41,6 +41,7 @@ from mixlab.mixers.base import (
     resolve_plan,
 )
 from mixlab.model import build_model, count_parameters, per_sample_loss
+from mixlab.train import fsdp
 from mixlab.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -64,6 +65,7 @@ from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
 from mixlab.train.schedule import lr_at
 from mixlab.train.signals import StepSignals
 from mixlab.train.target import TargetSet, load_target
+from mixlab.train.weighting import RunWeighting
 
 AUX_SEED_OFFSET = 1_000_003
 
@@ -154,7 +156,13 @@ class Trainer:
         # The module that trains: DDP averages gradients over ranks. Everything else (eval,
         # alignment, checkpoints) uses the bare model, identical on every rank.
         self.train_model: torch.nn.Module = self.model
-        if self.dist.enabled:
+        # FSDP shards the model in place: then self.model *is* the sharded module, every use of
+        # it is a collective, and the helpers of mixlab.train.fsdp stand in where that matters.
+        self.sharded = self.dist.enabled and t.parallel == "fsdp"
+        self._mean_losses = fsdp.mean_losses if self.sharded else mean_losses
+        if self.sharded:
+            fsdp.shard_model(self.model, self.dist)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -189,6 +197,9 @@ class Trainer:
         if cfg.mixer.reference:
             self.reference = load_run_model(cfg.mixer.reference, self.data).to(self.device).eval()
 
+        # Per-sample weighting inside each batch (DWM), on top of the mixer's sampling.
+        self.weighting = RunWeighting(self) if cfg.weighting.enabled else None
+
         self.state = LoopState(weights_sum=[0.0] * self.m)
         self.window = _LogWindow(self.m)
         self._eval_cache: dict[tuple[str, int], Any] = {}
@@ -199,7 +210,7 @@ class Trainer:
     def signal_eval_losses(self, step: int) -> np.ndarray:
         key = ("signal", step)
         if key not in self._eval_cache:
-            losses = mean_losses(
+            losses = self._mean_losses(
                 self.model, self.signal_set.windows, self.cfg.eval.batch_size, self.device, self.autocast,
                 self.dist,
             )
@@ -212,7 +223,7 @@ class Trainer:
             raise ConfigError("this mixer needs a target set: set target.path or target.domain.")
         key = ("target", step)
         if key not in self._eval_cache:
-            self._eval_cache[key] = mean_losses(
+            self._eval_cache[key] = self._mean_losses(
                 self.model, {"t": self.target.probe}, self.cfg.eval.batch_size, self.device,
                 self.autocast, self.dist,
             )["t"]
@@ -233,6 +244,11 @@ class Trainer:
         """Train a copy of the model per mixture for ``steps`` steps; return eval-loss drops.
 
         ``step`` is the signal step asking (its cached eval losses are the baseline)."""
+        if self.sharded:  # config refuses the known mixers; this catches any other
+            raise ConfigError(
+                f"mixer '{self.cfg.mixer.name}' trains branch copies of the model, which "
+                "train.parallel = 'fsdp' does not support; use train.parallel = 'ddp'."
+            )
         base_losses = self.signal_eval_losses(step)
         out = np.zeros_like(mixtures)
         opt_state = copy.deepcopy(self.optimizer.state_dict())
@@ -296,31 +312,47 @@ class Trainer:
         b = batch.tokens.shape[0]
         micro = b // t.grad_accum
         sample_losses = []
+        sample_weights = []
         total = 0.0
         for k in range(t.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
             tokens = batch.tokens[sl].to(self.device, non_blocking=True)
             last = k == t.grad_accum - 1
             # Gradients are averaged over ranks once, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            if last or not self.dist.enabled:
+                sync: contextlib.AbstractContextManager = contextlib.nullcontext()
+            else:
+                sync = fsdp.no_sync(self.model) if self.sharded else self.train_model.no_sync()
             with sync:
                 with self.autocast():
                     losses = per_sample_loss(self.train_model, tokens)
                 weighted = losses if factors is None else losses * factors[sl].to(self.device)
+                if self.weighting is not None:
+                    sw = self.weighting.micro_weights(
+                        self.state.step, tokens, batch.domains[sl], losses.detach()
+                    )
+                    weighted = weighted * sw
+                    sample_weights.append(sw.detach().cpu())
                 loss = weighted.sum() / b
                 # Every rank must take the same branch, or the gradient all-reduce would hang.
                 if any_rank(not bool(torch.isfinite(loss)), self.dist):
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.sharded:  # earlier micro-batches' gradients, not yet reduced
+                        fsdp.drop_unsynced_grads(self.model)
                     return None
                 loss.backward()
             total += float(loss.detach())
             sample_losses.append(losses.detach().float().cpu())
+        if self.weighting is not None and self.weighting.weighter.trains_at(self.state.step):
+            self.weighting.update(self.state.step, batch, torch.cat(sample_losses), factors, lr, micro)
         if self.cfg.optim.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             if not torch.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
+        if self.weighting is not None:
+            self.weighting.record(self.state.step, batch, torch.cat(sample_weights))
         # Mixers see the whole global batch: losses and domains gathered in rank order.
         total = float(all_reduce_sum(np.array([total]), self.dist)[0])
         losses_all = all_gather_array(torch.cat(sample_losses).numpy(), self.dist)
@@ -337,19 +369,22 @@ class Trainer:
             ).windows
         if self.target is not None:
             windows["__target__"] = self.target.eval
-        losses = mean_losses(self.model, windows, e.batch_size, self.device, self.autocast, self.dist)
+        losses = self._mean_losses(self.model, windows, e.batch_size, self.device, self.autocast, self.dist)
         return loss_report(losses, self.domains, losses.get("__target__"))
 
     def state_dict(self) -> dict[str, Any]:
         s = self.state
         return {
-            "optimizer": self.optimizer.state_dict(),
+            # FSDP: the full state gathered to rank 0, in the one-process layout.
+            "optimizer": (fsdp.full_optimizer_state(self.model, self.optimizer) if self.sharded
+                          else self.optimizer.state_dict()),
             "sampler": self.sampler.state_dict(),
             "aux_sampler": self.aux_sampler.state_dict(),
             "mixer": self.mixer.state_dict(),
             # Dropout streams differ per rank, so every rank's generator state is kept.
             "rng": {"torch": gather_objects(torch.get_rng_state(), self.dist)},
             "log_window": self.window.state_dict(),
+            **({"weighting": self.weighting.state_dict()} if self.weighting is not None else {}),
             "loop": {
                 "step": s.step,
                 "tokens": s.tokens,
@@ -362,7 +397,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.aux_sampler.load_state_dict(state["aux_sampler"])
         self.mixer.load_state_dict(state["mixer"])
@@ -374,25 +412,38 @@ class Trainer:
             )
         torch.set_rng_state(rng[self.rank])
         self.window.load_state_dict(state["log_window"])
+        if self.weighting is not None:
+            if "weighting" not in state:
+                raise CheckpointError("the checkpoint has no weighting model state; it was written by a run without weighting.")
+            self.weighting.load_state_dict(state["weighting"])
         self.state = LoopState(**state["loop"])
 
     def checkpoint(self) -> Path | None:
         state = self.state_dict()  # collective under DDP: every rank takes part
+        weights = self._model_weights()
         path = None
         if self.is_main:
             path = save_checkpoint(
-                self.out / "checkpoints", self.state.step, self.model, state,
+                self.out / "checkpoints", self.state.step, weights, state,
                 self.config_dict, self.cfg.checkpoint.keep,
             )
         barrier(self.dist)
         return path
+
+    def _model_weights(self) -> torch.nn.Module | dict[str, torch.Tensor]:
+        """What rank 0 saves as model.safetensors: the model, or under FSDP its full state
+        gathered to rank 0 (a collective: every rank calls this)."""
+        return fsdp.full_model_state(self.model) if self.sharded else self.model
 
     def _resume(self) -> bool:
         ckpts = list_checkpoints(self.out / "checkpoints")
         if not ckpts:
             return False
         _, state = load_checkpoint(ckpts[-1], self.config_dict)
-        load_model(self.model, ckpts[-1] / "model.safetensors")
+        if self.sharded:
+            fsdp.load_full_model_state(self.model, ckpts[-1] / "model.safetensors")
+        else:
+            load_model(self.model, ckpts[-1] / "model.safetensors")
         self.load_state_dict(state)
         _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         return True
@@ -481,6 +532,8 @@ class Trainer:
                         rec["loss_weights"] = dict(zip(self.domains, map(float, plan.loss_weights)))
                     if mixer_report := self.mixer.report():
                         rec["mixer"] = mixer_report
+                    if self.weighting is not None:
+                        rec["weighting"] = self.weighting.weighter.report(done)
                     metrics.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
                                     tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
@@ -502,8 +555,11 @@ class Trainer:
         self.state.elapsed_s = time.perf_counter() - t0
         self.checkpoint()
         summary = self._summary()
+        weights = self._model_weights()
         if self.is_main:
-            save_model(self.model, self.out / "model.safetensors")
+            save_model(weights, self.out / "model.safetensors")
+            if self.weighting is not None:
+                self.weighting.save()
             write_json_atomic(summary_path, summary)
         log(f"done: average test perplexity {summary['test']['avg_ppl']:.3f}; run dir {self.out}")
         return summary
@@ -529,6 +585,7 @@ class Trainer:
             "epochs_per_domain": dict(zip(self.domains, map(float, self.sampler.epochs))),
             "nonfinite_steps": s.nonfinite_total,
             "extra_steps": s.extra_steps,
+            **({"weighting": self.weighting.summary()} if self.weighting is not None else {}),
             "wall_time_s": s.elapsed_s,
             "tokens_per_s": s.tokens / max(s.elapsed_s, 1e-9),
         }

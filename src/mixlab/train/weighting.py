@@ -1,0 +1,157 @@
+"""The trainer's side of per-sample weighting: validation data, the bi-level step, records.
+
+``RunWeighting`` sits between ``Trainer`` and ``mixlab.weighting.DataWeighter``: it draws the
+validation windows the weighting model optimises for, computes the factorised hypergradient
+from the LM's own training gradient (see ``mixlab.weighting.bilevel``), sums the weighting
+model's gradients over ranks, and gathers each step's weights for the analysis. Every rank
+holds the same weighting model: the network is small and its update is reduced like DDP's.
+
+Under several ranks or gradient accumulation the weights are normalised within each
+micro-batch of each rank (mean 1 there): the unit a forward pass sees. Results then depend on
+the micro-batch partition, like any per-batch normalisation; one process without
+accumulation normalises over the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mixlab.data.sampler import MixtureSampler
+from mixlab.errors import ConfigError
+from mixlab.signals.alignment import adam_denominator, trainable_parameters
+from mixlab.train.distributed import all_gather_array
+from mixlab.weighting.bilevel import factorised_hypergradient, lookahead_val_gradient
+from mixlab.weighting.dwm import DataWeighter
+
+if TYPE_CHECKING:
+    from mixlab.data.sampler import Batch
+    from mixlab.train.loop import Trainer
+
+VAL_SEED_OFFSET = 2_000_029
+
+
+class RunWeighting:
+    """Per-sample weighting of one run (built by the trainer when ``weighting.name != 'none'``)."""
+
+    def __init__(self, trainer: Trainer):
+        cfg, t = trainer.cfg.weighting, trainer.cfg.train
+        self.trainer = trainer
+        self.cfg = cfg
+        if getattr(t, "parallel", "ddp") == "fsdp" and trainer.dist.enabled and not cfg.frozen:
+            raise ConfigError(
+                "weighting.name = 'dwm' trains its weighting model from per-sample alignments, "
+                "which need the whole LM on every rank; use train.parallel = 'ddp', or a frozen "
+                "weighting model (weighting.load + weighting.frozen = true)."
+            )
+        mode = cfg.validation
+        if mode == "auto":
+            mode = "target" if trainer.target is not None else "val"
+        if mode == "target" and trainer.target is None:
+            raise ConfigError("weighting.validation = 'target' needs a target set (target.path or target.domain).")
+        self.mode = mode
+        self.val_batch = cfg.val_batch or t.batch_size
+        if self.val_batch % trainer.world:
+            raise ConfigError(
+                f"weighting.val_batch {self.val_batch} must be divisible by the number of processes {trainer.world}."
+            )
+        self.weighter = DataWeighter(
+            cfg, vocab_size=trainer.data.vocab_size, domains=trainer.domains,
+            tokenizer_sha256=trainer.data.manifest.tokenizer_sha256, total_steps=t.steps,
+            device=trainer.device, seed=t.seed,
+        )
+        self.val_sampler: MixtureSampler | None = None
+        if mode == "val":
+            self.val_sampler = MixtureSampler(
+                trainer.data, "val", trainer.cfg.data.seq_len, self.val_batch,
+                t.seed + VAL_SEED_OFFSET, trainer.rank, trainer.world, trainer.domains,
+            )
+
+    # ---------------------------------------------------------------- the step
+
+    def micro_weights(self, step: int, tokens: torch.Tensor, domains: torch.Tensor,
+                      losses: torch.Tensor) -> torch.Tensor:
+        """[b] weights of one micro-batch (on the LM's device)."""
+        return self.weighter.weights(tokens, domains, losses, step).to(losses.device)
+
+    def val_tokens(self, step: int) -> torch.Tensor:
+        """This rank's share [val_batch / world, T+1] of the validation windows for ``step``."""
+        if self.val_sampler is not None:
+            m = len(self.trainer.domains)
+            return self.val_sampler.next_batch(weights=np.full(m, 1.0 / m)).tokens
+        probe = self.trainer.target.probe  # type: ignore[union-attr]
+        # Seeded by the step, so it needs no state to resume exactly.
+        rng = np.random.default_rng([self.trainer.cfg.train.seed, 13, step])
+        idx = rng.integers(0, probe.shape[0], self.val_batch)
+        per = self.val_batch // self.trainer.world
+        return probe[torch.from_numpy(idx[self.trainer.rank * per : (self.trainer.rank + 1) * per])]
+
+    def update(self, step: int, batch: Batch, losses: torch.Tensor, factors: torch.Tensor | None,
+               lr: float, micro: int) -> bool:
+        """The bi-level update at ``step``; call after the LM's backward, before clipping and the
+        optimizer step (``.grad`` holds the gradient of Σ f_i w_i ℓ_i / B, reduced over ranks)."""
+        tr = self.trainer
+        model = tr.model
+        grads = {
+            n: (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+            for n, p in trainable_parameters(model).items()
+        }
+        eta = self.cfg.lookahead_lr or lr
+        precond = adam_denominator(tr.optimizer, model) if self.cfg.precondition else None
+        val_grad = lookahead_val_gradient(
+            model, grads, eta, self.val_tokens(step), precond=precond, autocast=tr.autocast
+        )
+        if tr.dist.enabled:
+            for g in val_grad.values():  # each rank held a slice of the validation windows
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                g /= tr.world
+        hyper = factorised_hypergradient(
+            model, batch.tokens, val_grad, eta, tr.cfg.train.batch_size, precond=precond,
+            method=self.cfg.method, autocast=tr.autocast,
+        )
+        if factors is not None:  # a mixer's loss factor f_i scales sample i's share of the step
+            hyper = hyper * factors.cpu()
+        return self.weighter.update(
+            hyper, batch.tokens, batch.domains, losses, step, micro, self._sum_grads
+        )
+
+    def _sum_grads(self, net: torch.nn.Module) -> None:
+        if not self.trainer.dist.enabled:
+            return
+        for p in net.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def record(self, step: int, batch: Batch, weights: torch.Tensor) -> None:
+        """Add this step's weights (this rank's [b]) to the analysis."""
+        local = weights.detach().double().cpu().numpy()
+        all_w = all_gather_array(local, self.trainer.dist)
+        all_d = all_gather_array(batch.domains.numpy(), self.trainer.dist)
+        self.weighter.record(step, all_w, all_d, batch.tokens, local, batch.domains.numpy())
+
+    # ---------------------------------------------------------------- state and files
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"weighter": self.weighter.state_dict()}
+        if self.val_sampler is not None:
+            out["val_sampler"] = self.val_sampler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weighter.load_state_dict(state["weighter"])
+        if self.val_sampler is not None:
+            self.val_sampler.load_state_dict(state["val_sampler"])
+
+    def save(self) -> None:
+        """Write RUN/dwm.safetensors and RUN/dwm.json (rank 0 only)."""
+        tok = self.trainer.data.tokenizer()
+        self.weighter.save(self.trainer.out, lambda ids: tok.decode(ids, skip_special_tokens=False))
+
+    def summary(self) -> dict[str, Any]:
+        w = self.weighter
+        return {"name": self.cfg.name, "updates": w.updates, "skipped_updates": w.skipped,
+                "scheduled_updates": w.training_updates, "validation": self.mode,
+                "loaded_from": w.loaded_from, "frozen": self.cfg.frozen}

@@ -1,0 +1,217 @@
+"""FSDP (``train.parallel = "fsdp"``): two processes on CPU with the gloo backend, as torchrun
+would run them, against one process and against DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import queue as queue_mod
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from mixlab.errors import ConfigError
+from mixlab.train.config import load_config
+from mixlab.train.distributed import DistInfo
+from mixlab.train.loop import TIMING_KEYS, Trainer
+
+from .conftest import tiny_overrides
+
+# aioli asks for eval losses through the (sharded) model; odd eval window counts make the ranks'
+# shares uneven; grad_accum = 2 exercises FSDP's no_sync.
+EXTRA = ["mixer.name='aioli'", "mixer.options.round_steps=12", "mixer.options.lp_rounds=1",
+         "mixer.options.lp_steps=1", "mixer.options.eta=1.0", "eval.windows=7",
+         "eval.signal_windows=3", "train.grad_accum=2", "checkpoint.every=10", "model.n_layer=2"]
+FSDP = "train.parallel='fsdp'"
+NAN_CALL = 12
+"""Training forward that returns NaN: step 5, second micro-batch, after the first one's backward
+left unreduced gradients behind."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _nan_at(call: int):
+    """Inside the block, the ``call``-th training forward (1-based) returns NaN losses."""
+    import mixlab.train.loop as loop
+
+    real, calls = loop.per_sample_loss, {"n": 0}
+
+    def patched(model, tokens, params=None):
+        calls["n"] += 1
+        out = real(model, tokens, params)
+        return out * float("nan") if calls["n"] == call else out
+
+    loop.per_sample_loss = patched
+    try:
+        yield
+    finally:
+        loop.per_sample_loss = real
+
+
+def _worker(rank, world, port, data_dir, out, extra, resume, die_after, nan_call, queue):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with _nan_at(nan_call):
+            _train(rank, world, data_dir, out, extra, resume, die_after, queue)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank, world, data_dir, out, extra, resume, die_after, queue):
+    trainer = Trainer(load_config(None, tiny_overrides(data_dir, extra)), out, DistInfo(rank, world, rank))
+    if die_after:
+        real, calls = trainer.train_step, {"n": 0}
+
+        def dying(plan):
+            calls["n"] += 1
+            if calls["n"] > die_after:
+                raise SystemExit("killed")
+            return real(plan)
+
+        trainer.train_step = dying
+    try:
+        summary = trainer.run(resume=resume)
+    except SystemExit:
+        summary = None
+    queue.put((rank, summary, trainer.mixer.state_dict(), trainer.sampler.state_dict()))
+
+
+def _run(data_dir, out, extra, resume=False, die_after=0, nan_call=0, world=2):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, data_dir, out, extra, resume, die_after, nan_call, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results = []
+    while len(results) < world:
+        try:
+            results.append(queue.get(timeout=2))
+        except queue_mod.Empty:
+            # Fail at once when a rank died (the other one would wait for it forever).
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                pytest.fail(f"a rank died: exit codes {[p.exitcode for p in procs]}")
+    for p in procs:
+        p.join(timeout=60)
+        # A simulated kill may end in an abort inside gloo's teardown; only clean runs must exit 0.
+        assert p.exitcode == 0 or die_after
+    return sorted(results, key=lambda r: r[0])
+
+
+def _strip(summary):
+    return {k: v for k, v in summary.items() if k not in TIMING_KEYS}
+
+
+def _assert_weights_close(a, b, atol=1e-5):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=atol, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_ddp(tiny_data, tmp_path):
+    (_, s0, mix0, samp0), (_, s1, mix1, samp1) = _run(tiny_data, tmp_path / "fsdp", [*EXTRA, FSDP], nan_call=NAN_CALL)
+    # Both ranks ran the same mixer updates on the same numbers.
+    assert mix0 == mix1 and samp0 == samp1 and _strip(s0) == _strip(s1)
+    assert s0["nonfinite_steps"] == 1
+
+    with _nan_at(NAN_CALL):
+        one = Trainer(load_config(None, tiny_overrides(tiny_data, EXTRA)), tmp_path / "one").run()
+    assert one["nonfinite_steps"] == 1
+    # The mixture really moved, so agreement is not trivial.
+    assert max(abs(v - 1 / 3) for v in one["weights_final"].values()) > 1e-3
+    for d in one["domains"]:
+        assert s0["weights_final"][d] == pytest.approx(one["weights_final"][d], abs=1e-6)
+        assert s0["test"]["loss"][d] == pytest.approx(one["test"]["loss"][d], rel=1e-4)
+    # Full, unsharded weights in the one-process layout (the tied head stored once), close to
+    # the one-process run's and to DDP's; the same holds for the last checkpoint.
+    fsdp_w, one_w = tmp_path / "fsdp" / "model.safetensors", tmp_path / "one" / "model.safetensors"
+    assert "head.weight" not in load_file(str(fsdp_w))
+    _assert_weights_close(fsdp_w, one_w)
+    _run(tiny_data, tmp_path / "ddp", EXTRA, nan_call=NAN_CALL)
+    _assert_weights_close(fsdp_w, tmp_path / "ddp" / "model.safetensors")
+    ckpt = "checkpoints/step-0000024"
+    state_fsdp = torch.load(tmp_path / "fsdp" / ckpt / "state.pt", weights_only=True)["optimizer"]
+    state_one = torch.load(tmp_path / "one" / ckpt / "state.pt", weights_only=True)["optimizer"]
+    assert state_fsdp["param_groups"] == state_one["param_groups"]
+    assert state_fsdp["state"].keys() == state_one["state"].keys()
+    for i, s in state_one["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(state_fsdp["state"][i][k], v, rtol=1e-4, atol=1e-6)
+    # Only rank 0 wrote the run dir.
+    lines = (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_fsdp_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
+    extra = [*EXTRA, FSDP]
+    (_, whole, *_), _ = _run(tiny_data, tmp_path / "whole", extra)
+    # Killed after 14 steps (last checkpoint at 10), then resumed with two processes.
+    _run(tiny_data, tmp_path / "resume", extra, die_after=14)
+    shutil.copytree(tmp_path / "resume", tmp_path / "resume_ddp")
+    (_, resumed, *_), _ = _run(tiny_data, tmp_path / "resume", extra, resume=True)
+    assert _strip(resumed) == _strip(whole)
+    assert load_file(str(tmp_path / "resume" / "model.safetensors")).keys() == load_file(
+        str(tmp_path / "whole" / "model.safetensors")).keys()
+    _assert_weights_close(tmp_path / "resume" / "model.safetensors", tmp_path / "whole" / "model.safetensors",
+                          atol=0)
+    # An FSDP checkpoint is an ordinary one: DDP resumes it (train.parallel may change).
+    (_, via_ddp, *_), _ = _run(tiny_data, tmp_path / "resume_ddp", EXTRA, resume=True)
+    for d in whole["domains"]:
+        assert via_ddp["weights_final"][d] == pytest.approx(whole["weights_final"][d], abs=1e-6)
+        assert via_ddp["test"]["loss"][d] == pytest.approx(whole["test"]["loss"][d], rel=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["dga", "doge", "skillit"])
+def test_fsdp_refuses_mixers_that_need_the_whole_model(tiny_data, mixer):
+    with pytest.raises(ConfigError, match=rf"mixer '{mixer}' needs .*train.parallel = 'ddp'"):
+        load_config(None, tiny_overrides(tiny_data, [f"mixer.name='{mixer}'", FSDP]))
+    load_config(None, tiny_overrides(tiny_data, [f"mixer.name='{mixer}'"]))  # fine under DDP
+
+
+def test_unknown_parallel_is_a_config_error(tiny_data):
+    with pytest.raises(ConfigError, match="train.parallel.*'ddp', 'fsdp'"):
+        load_config(None, tiny_overrides(tiny_data, ["train.parallel='zero3'"]))
+
+
+def test_shard_units_are_the_transformer_blocks():
+    from mixlab.model import ModelConfig, build_model
+    from mixlab.train.fsdp import shard_units
+
+    gpt = build_model(ModelConfig(n_layer=3, d_model=16), 32, 8)
+    assert shard_units(gpt) == list(gpt.blocks)
+    pytest.importorskip("transformers")
+    hf = build_model(ModelConfig(kind="hf", hf_options={
+        "model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 8}), 32, 8)
+    assert shard_units(hf) == list(hf.hf.model.layers)
+
+
+@pytest.mark.slow
+def test_fsdp_hf_model_matches_one_process(tiny_data, tmp_path):
+    """A Hugging Face GPT-2 (tied embedding and head, decoder layers as FSDP units)."""
+    pytest.importorskip("transformers")
+    extra = ["model.kind='hf'", "train.steps=8", "eval.every=0",
+             "model.hf_options={model_type='gpt2', n_embd=16, n_layer=2, n_head=2, n_positions=16, "
+             "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0}", "mixer.name='odm'"]
+    _run(tiny_data, tmp_path / "fsdp", [*extra, FSDP])
+    one = Trainer(load_config(None, tiny_overrides(tiny_data, extra)), tmp_path / "one").run()
+    weights = load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert "hf.lm_head.weight" not in weights  # stored once, as one process stores it
+    _assert_weights_close(tmp_path / "fsdp" / "model.safetensors", tmp_path / "one" / "model.safetensors")
+    assert one["steps"] == 8
