@@ -4,7 +4,9 @@
 validation windows the weighting model optimises for, computes the factorised hypergradient
 from the LM's own training gradient (see ``mixlab.weighting.bilevel``), sums the weighting
 model's gradients over ranks, and gathers each step's weights for the analysis. Every rank
-holds the same weighting model: the network is small and its update is reduced like DDP's.
+holds the same weighting model: the network is small and its update is reduced like DDP's;
+with ``train.check_ranks`` a checksum of its parameters is compared across ranks after every
+update.
 
 Under several ranks or gradient accumulation the weights are normalised within each
 micro-batch of each rank (mean 1 there): the unit a forward pass sees. Results then depend on
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import ConfigError
 from mixlab.signals.alignment import adam_denominator, trainable_parameters
-from mixlab.train.distributed import all_gather_array
+from mixlab.train.distributed import all_gather_array, check_same_on_all_ranks
 from mixlab.weighting.bilevel import factorised_hypergradient, lookahead_val_gradient
 from mixlab.weighting.dwm import DataWeighter
 
@@ -114,9 +116,17 @@ class RunWeighting:
         )
         if factors is not None:  # a mixer's loss factor f_i scales sample i's share of the step
             hyper = hyper * factors.cpu()
-        return self.weighter.update(
+        updated = self.weighter.update(
             hyper, batch.tokens, batch.domains, losses, step, micro, self._sum_grads
         )
+        if tr.cfg.train.check_ranks and tr.dist.enabled:
+            check_same_on_all_ranks(self._checksum(), "weighting model parameters", step, tr.dist)
+        return updated
+
+    def _checksum(self) -> np.ndarray:
+        """[2] sum and sum of squares of the weighting model's parameters (float64)."""
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in self.weighter.net.parameters()])
+        return np.array([float(flat.sum()), float((flat * flat).sum())])
 
     def _sum_grads(self, net: torch.nn.Module) -> None:
         if not self.trainer.dist.enabled:
