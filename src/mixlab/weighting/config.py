@@ -28,8 +28,10 @@ class WeightingConfig:
     precondition: bool = False
     """Precondition the lookahead step (and the alignments) with AdamW's second moment, so the
     lookahead is closer to the LM's real step; False = a plain SGD lookahead."""
-    method: Literal["jvp", "fd"] = "jvp"
-    """How the alignment engine computes per-sample alignments: 'jvp' (exact) or 'fd' (two forwards)."""
+    method: Literal["jvp", "fd"] = "fd"
+    """How the alignment engine computes per-sample alignments: 'fd' (two forwards, any attention
+    kernel, relative error ~1e-3: small against the noise of a one-batch hypergradient, and
+    measured ~12% cheaper per update on CPU) or 'jvp' (exact, math attention)."""
     validation: Literal["auto", "val", "target"] = "auto"
     """Data the weighting model optimises for: 'val' (the validation split, all domains), 'target'
     (the probe part of the target set), 'auto' = target when a target is configured, else val."""
