@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from mixlab import __version__
 from mixlab.errors import MixlabError
 
-COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi"]
+COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi", "sweep", "select"]
 
 
 def _available() -> list[tuple[str, object]]:

@@ -70,6 +70,11 @@ class RunRow:
     time_ratio: float | None = None
     """wall_time_s / the baseline's wall_time_s at the same seed."""
 
+    @property
+    def total_steps(self) -> int:
+        """Every training step the result cost: the run's own and its extra steps."""
+        return self.steps + self.extra_steps
+
 
 @dataclass(frozen=True)
 class MethodRow:
@@ -89,6 +94,8 @@ class MethodRow:
     wall_time: Stat
     time_ratio: Stat
     extra_steps: Stat
+    total_steps: Stat
+    """The run's steps plus its extra steps: the compute the result cost, in training steps."""
 
     @property
     def within_noise(self) -> bool | None:
@@ -141,15 +148,16 @@ def _run_row(run: Run) -> RunRow:
 
 
 def _reference_steps(run: Run) -> int:
-    """Steps spent on the run's reference model (DoReMi), read from the reference run's own
-    summary: they are part of what the method cost, though trained outside the run."""
-    ref = (run.config.get("mixer") or {}).get("reference")
-    if not ref:
-        return 0
-    summary = read_summary(Path(ref)) if Path(ref).is_dir() else None
-    if not summary:
-        return 0
-    return int(summary.get("steps") or 0) + int(summary.get("extra_steps") or 0)
+    """Steps spent on the runs this run reads (DoReMi's reference model, Aioli's
+    ``options.prior_run``), read from those runs' own summaries (their steps and extra steps):
+    they are part of what the method cost, though trained outside the run."""
+    mixer = run.config.get("mixer") or {}
+    total = 0
+    for ref in (mixer.get("reference"), (mixer.get("options") or {}).get("prior_run")):
+        summary = read_summary(Path(ref)) if ref and Path(ref).is_dir() else None
+        if summary:
+            total += int(summary.get("steps") or 0) + int(summary.get("extra_steps") or 0)
+    return total
 
 
 def _opt_float(v: Any) -> float | None:
@@ -240,6 +248,7 @@ def _method_row(method: str, rows: list[RunRow], domains: list[str]) -> MethodRo
         wall_time=Stat.of([r.wall_time_s for r in rows]),
         time_ratio=Stat.of([r.time_ratio for r in rows]),
         extra_steps=Stat.of([float(r.extra_steps) for r in rows]),
+        total_steps=Stat.of([float(r.total_steps) for r in rows]),
     )
 
 
@@ -324,7 +333,7 @@ def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
     ]
     if cmp.has_target:
         head += ["target loss", f"Δ target loss vs {base}"]
-    head += ["wall time / run (s)", f"time vs {base}", "extra steps"]
+    head += ["wall time / run (s)", f"time vs {base}", "extra steps", "total steps"]
     lines += [_row(head), _row(["---"] + ["---:"] * (len(head) - 1))]
     for m in cmp.methods:
         is_base = m.method == base
@@ -343,6 +352,7 @@ def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
             _pm(m.wall_time, 1),
             "1.00×" if is_base else (_num(m.time_ratio.mean) + "×" if m.time_ratio.mean else "–"),
             _num(m.extra_steps.mean, 0),
+            _num(m.total_steps.mean, 0),
         ]
         lines.append(_row(cells))
     lines.append("")
@@ -383,7 +393,9 @@ def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
         f"- Average test PPL is the mean of the per-domain test perplexities. "
         f"Time vs {base} is the mean over seeds of the paired ratio of wall times. "
         "Extra steps are training steps a method used outside its run: those of its reference "
-        "model's run, and branches it trained to measure (Skill-It).",
+        "model's run (DoReMi) or prior run (Aioli), branches it trained to measure (Skill-It), "
+        "and proxy runs that chose its mixture (`mixlab sweep --final`, `mixlab doremi`); "
+        "total steps = the run's own steps + extra steps, the compute behind the result.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -409,6 +421,7 @@ CSV_BASE_FIELDS = [
     "wall_time_s",
     "time_ratio",
     "extra_steps",
+    "total_steps",
 ]
 
 
@@ -434,6 +447,7 @@ def to_csv(cmp: Comparison) -> str:
                 "wall_time_s": _csv(r.wall_time_s),
                 "time_ratio": _csv(r.time_ratio),
                 "extra_steps": r.extra_steps,
+                "total_steps": r.total_steps,
                 **{f"ppl_{d}": _csv(r.domain_ppl.get(d)) for d in cmp.domains},
             }
         )
@@ -450,6 +464,7 @@ def to_csv(cmp: Comparison) -> str:
                 "wall_time_s": _csv(getattr(m.wall_time, stat)),
                 "time_ratio": _csv(getattr(m.time_ratio, stat)),
                 "extra_steps": _csv(getattr(m.extra_steps, stat)),
+                "total_steps": _csv(getattr(m.total_steps, stat)),
                 **{f"ppl_{d}": _csv(getattr(m.domain_ppl[d], stat)) for d in cmp.domains},
             }
             if stat == "mean":
