@@ -48,7 +48,7 @@ class WeightingConfig:
     use_domain: bool = False
     """Also read the sample's domain (ties the model to this run's domains)."""
     use_loss: bool = False
-    """Also read the LM's current loss on the sample (divided by log vocab size)."""
+    """Also read the LM's current loss on the sample (standardised within the micro-batch)."""
     use_progress: bool = False
     """Also read the training progress (step / steps)."""
     load: str = ""
