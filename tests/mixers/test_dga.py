@@ -60,6 +60,11 @@ def test_dga_update_by_hand():
     # EMA: the sampled weights move (1 - β) of the way to the mirror iterate.
     _, w_ema = dga_update(z0, w0, a_hat, eta=0.5, ema=0.75, floor=0.0)
     np.testing.assert_allclose(w_ema, 0.75 * w0 + 0.25 * expect, rtol=1e-12)
+    # ... and the next step starts from the smoothed weights, not from the plain iterate.
+    z_ema, w_ema = dga_update(z0, w0, a_hat, eta=0.5, ema=0.75, floor=0.0)
+    _, w_ema2 = dga_update(z_ema, w_ema, a_hat, eta=0.5, ema=0.75, floor=0.0)
+    step2 = w_ema * np.exp(0.5 * a_hat)
+    np.testing.assert_allclose(w_ema2, 0.75 * w_ema + 0.25 * step2 / step2.sum(), rtol=1e-12)
     # Floor: the smallest weight is lifted to the floor by mixing with uniform.
     _, w_floor = dga_update(z0, w0, np.array([0.0, 0.0, -20.0]), eta=1.0, ema=0.0, floor=0.1)
     assert w_floor.min() == pytest.approx(0.1) and w_floor.sum() == pytest.approx(1.0)
