@@ -7,15 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tests.train.conftest import tiny_overrides
 
 from mixlab.data.format import DataDir
 from mixlab.data.synthetic import make_synthetic_datadir
-from mixlab.errors import ConfigError
+from mixlab.errors import CheckpointError, ConfigError
 from mixlab.model import per_sample_loss
 from mixlab.train.config import load_config
 from mixlab.train.loop import TIMING_KEYS, Trainer, load_run_model, train
-from mixlab.weighting import DataWeighter, WeightingConfig, batch_weights, load_net
+from mixlab.weighting import DataWeighter, WeightingConfig, batch_weights, load_net, save_net
 from mixlab.weighting.model import NetSpec, WeightingNet, standardise
 
 
@@ -182,3 +184,20 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
     assert meta_a == meta_b
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_a_file_with_a_head_bias_loads_with_the_same_weights(tmp_path):
+    net = WeightingNet(NetSpec(vocab_size=64, n_domains=2))
+    torch.nn.init.normal_(net.head.weight)
+    save_net(net, tmp_path / "dwm.safetensors", "sha", ["a", "b"], 3)
+    tensors = load_file(str(tmp_path / "dwm.safetensors"))
+    with safe_open(str(tmp_path / "dwm.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file({**tensors, "head.bias": torch.tensor([0.7])}, str(tmp_path / "old.safetensors"), metadata=meta)
+    old, _ = load_net(tmp_path / "old.safetensors", "sha", ["a", "b"])
+    tokens = torch.randint(0, 64, (5, 16))
+    with torch.no_grad():
+        assert torch.equal(batch_weights(old(tokens), 1.0), batch_weights(net(tokens), 1.0))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_net(tmp_path / "bad.safetensors", "sha", ["a", "b"])

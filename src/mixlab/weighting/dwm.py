@@ -103,6 +103,9 @@ def load_net(path: str | Path, tokenizer_sha256: str, domains: list[str]) -> tup
     if not spec.use_domain and spec.n_domains != len(domains):
         spec = NetSpec(**{**spec.__dict__, "n_domains": len(domains)})
     net = WeightingNet(spec)
+    # Files written before the head lost its bias (a shift common to the batch, which the
+    # softmax ignores) carry a 'head.bias': dropping it leaves every weight unchanged.
+    tensors.pop("head.bias", None)
     try:
         net.load_state_dict(tensors)
     except RuntimeError as e:
