@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.mixers.align_fakes import AlignSignals, add_hierarchy, constant_alignments, tiny_config
 from tests.mixers.fakes import make_ctx, torch_roundtrip
+from tests.train.conftest import assert_resume_identical
 
 from mixlab.errors import ConfigError
 from mixlab.mixers import build_mixer
@@ -22,7 +23,7 @@ from mixlab.mixers.dga import (
 )
 from mixlab.model import GPT, per_sample_loss
 from mixlab.signals.alignment import alignments_jvp, dot, group_mean, loss_gradient
-from mixlab.train.loop import TIMING_KEYS, Trainer, train
+from mixlab.train.loop import Trainer, train
 
 # ---------------------------------------------------------------------------------------------
 # Pure rules.
@@ -249,33 +250,7 @@ def test_dga_with_distribution_reweighting_runs(tiny_data, tmp_path):
 def test_resume_is_bit_identical(tiny_data, tmp_path):
     extra = ("mixer.name='dga'", "mixer.options.update_every=3", "mixer.options.ema=0.5",
              "target.domain='c'", "target.docs=6", "checkpoint.every=5")
-    full = train(tiny_config(tiny_data, *extra), tmp_path / "full")
-    trainer = Trainer(tiny_config(tiny_data, *extra), tmp_path / "cut")
-    real_step, calls = trainer.train_step, {"n": 0}
-
-    def dying_step(plan):
-        calls["n"] += 1
-        if calls["n"] > 13:
-            raise SystemExit("killed")
-        return real_step(plan)
-
-    trainer.train_step = dying_step
-    with pytest.raises(SystemExit):
-        trainer.run()
-    resumed = train(tiny_config(tiny_data, *extra), tmp_path / "cut", resume=True)
-    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_KEYS}  # noqa: E731
-    assert strip(resumed) == strip(full)
-
-    def lines(run):
-        out = []
-        for ln in (run / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(ln)
-            rec.pop("tokens_per_s", None)
-            rec.pop("elapsed_s", None)
-            out.append(rec)
-        return out
-
-    assert lines(tmp_path / "cut") == lines(tmp_path / "full")
+    assert_resume_identical(lambda: tiny_config(tiny_data, *extra), tmp_path, kill_after=13)
 
 
 def test_bad_targets_give_clear_errors(tiny_data, tmp_path):

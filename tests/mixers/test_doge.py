@@ -10,13 +10,14 @@ import pytest
 import torch
 from tests.mixers.align_fakes import AlignSignals, constant_alignments, tiny_config
 from tests.mixers.fakes import make_ctx, torch_roundtrip
+from tests.train.conftest import assert_resume_identical
 
 from mixlab.errors import ConfigError
 from mixlab.mixers import build_mixer
 from mixlab.mixers.doge import chi_mean, doge_scores, doge_update, gradient_norms
 from mixlab.model import GPT
 from mixlab.signals.alignment import alignments_jvp, gaussian_direction, loss_gradient, norm
-from mixlab.train.loop import TIMING_KEYS, Trainer, train
+from mixlab.train.loop import Trainer
 
 
 def test_chi_mean():
@@ -140,22 +141,7 @@ def test_target_objective_favours_the_target_domain(tiny_data, tmp_path):
 def test_generic_resume_is_bit_identical(tiny_data, tmp_path):
     extra = ("mixer.name='doge'", "mixer.options.update_every=3", "mixer.options.norm_probes=2",
              "checkpoint.every=5")
-    full = train(tiny_config(tiny_data, *extra), tmp_path / "full")
-    trainer = Trainer(tiny_config(tiny_data, *extra), tmp_path / "cut")
-    real_step, calls = trainer.train_step, {"n": 0}
-
-    def dying_step(plan):
-        calls["n"] += 1
-        if calls["n"] > 13:
-            raise SystemExit("killed")
-        return real_step(plan)
-
-    trainer.train_step = dying_step
-    with pytest.raises(SystemExit):
-        trainer.run()
-    resumed = train(tiny_config(tiny_data, *extra), tmp_path / "cut", resume=True)
-    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_KEYS}  # noqa: E731
-    assert strip(resumed) == strip(full)
+    full = assert_resume_identical(lambda: tiny_config(tiny_data, *extra), tmp_path, kill_after=13)
     # The generic objective moved α away from uniform, and the output is the average α.
     alpha_avg = np.array(list(full["weights_final"].values()))
     assert np.abs(alpha_avg - 1 / 3).max() > 1e-3

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.train.conftest import assert_resume_identical, die_after, metrics_lines
 
 from mixlab.errors import CheckpointError, ConfigError, MixlabError
 from mixlab.mixers.base import Mixer, Plan, register
@@ -17,23 +18,12 @@ def _strip_timing(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k not in TIMING_KEYS}
 
 
-def _metrics(run) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    out = []
-    for ln in lines:
-        rec = json.loads(ln)
-        for k in ("tokens_per_s", "elapsed_s"):
-            rec.pop(k, None)
-        out.append(rec)
-    return out
-
-
 def test_run_dir_contents(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_cfg(), run)
     for name in ("config.toml", "metrics.jsonl", "summary.json", "model.safetensors"):
         assert (run / name).is_file(), name
-    recs = _metrics(run)
+    recs = metrics_lines(run)
     train_steps = [r["step"] for r in recs if r["kind"] == "train"]
     eval_steps = [r["step"] for r in recs if r["kind"] == "eval"]
     assert train_steps == [4, 8, 12, 16, 20, 24]
@@ -50,25 +40,8 @@ def test_run_dir_contents(tiny_cfg, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny_cfg, tmp_path):
-    full = train(tiny_cfg("checkpoint.every=5"), tmp_path / "full")
-    cfg = tiny_cfg("checkpoint.every=5")
-    trainer = Trainer(cfg, tmp_path / "cut")
     # Stop after step 13 without a final checkpoint, as a SIGKILL would.
-    real_step = trainer.train_step
-    calls = {"n": 0}
-
-    def dying_step(plan):
-        calls["n"] += 1
-        if calls["n"] > 13:
-            raise SystemExit("killed")
-        return real_step(plan)
-
-    trainer.train_step = dying_step
-    with pytest.raises(SystemExit):
-        trainer.run()
-    resumed = train(tiny_cfg("checkpoint.every=5"), tmp_path / "cut", resume=True)
-    assert _strip_timing(resumed) == _strip_timing(full)
-    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
+    assert_resume_identical(lambda: tiny_cfg("checkpoint.every=5"), tmp_path, kill_after=13)
 
 
 DYNAMIC_OPTIONS = {
@@ -86,15 +59,8 @@ def test_resume_is_bit_identical_for_dynamic_mixers(name, tiny_cfg, tmp_path):
     if name == "doremi":
         train(tiny_cfg("train.steps=6"), tmp_path / "ref")
         extra.append(f"mixer.reference='{tmp_path / 'ref'}'")
-    full = train(tiny_cfg(*extra), tmp_path / "full")
-    trainer = Trainer(tiny_cfg(*extra), tmp_path / "cut")
-    trainer.train_step = _die_after(trainer.train_step, 19)
-    with pytest.raises(SystemExit):
-        trainer.run()
-    resumed = train(tiny_cfg(*extra), tmp_path / "cut", resume=True)
-    assert _strip_timing(resumed) == _strip_timing(full)
-    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
-    weights = [r["weights"] for r in _metrics(tmp_path / "full") if r["kind"] == "train"]
+    assert_resume_identical(lambda: tiny_cfg(*extra), tmp_path, kill_after=19)
+    weights = [r["weights"] for r in metrics_lines(tmp_path / "full") if r["kind"] == "train"]
     assert len({tuple(w.values()) for w in weights}) > 1, "the mixture never moved"
 
 
@@ -109,23 +75,13 @@ def test_existing_run_dir_needs_resume(tiny_cfg, tmp_path):
 
 def test_checkpoint_from_other_config_is_refused(tiny_cfg, tmp_path):
     trainer = Trainer(tiny_cfg("checkpoint.every=4"), tmp_path / "r")
-    trainer.train_step = _die_after(trainer.train_step, 6)
+    trainer.train_step = die_after(trainer.train_step, 6)
     with pytest.raises(SystemExit):
         trainer.run()
     with pytest.raises(CheckpointError, match=r"optim.lr: checkpoint has 0.003, config has 0.01"):
         train(tiny_cfg("checkpoint.every=4", "optim.lr=0.01"), tmp_path / "r", resume=True)
 
 
-def _die_after(fn, n):
-    calls = {"n": 0}
-
-    def wrapped(plan):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise SystemExit("killed")
-        return fn(plan)
-
-    return wrapped
 
 
 def test_loss_weighting_matches_hand_computed(tiny_cfg, tmp_path):
@@ -239,7 +195,7 @@ def test_hf_model_trains_and_resumes(tiny_cfg, tmp_path):
     full = train(tiny_cfg(*hf), tmp_path / "full")
     assert full["val"]["avg_loss"] < math.log(64)
     trainer = Trainer(tiny_cfg(*hf), tmp_path / "cut")
-    trainer.train_step = _die_after(trainer.train_step, 15)
+    trainer.train_step = die_after(trainer.train_step, 15)
     with pytest.raises(SystemExit):
         trainer.run()
     resumed = train(tiny_cfg(*hf), tmp_path / "cut", resume=True)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tests.train.conftest import tiny_overrides
+from tests.train.conftest import assert_resume_identical, tiny_overrides
 
 from mixlab.data.format import DataDir
 from mixlab.data.synthetic import make_synthetic_datadir
 from mixlab.errors import CheckpointError, ConfigError
 from mixlab.model import per_sample_loss
 from mixlab.train.config import load_config
-from mixlab.train.loop import TIMING_KEYS, Trainer, load_run_model, train
+from mixlab.train.loop import Trainer, load_run_model, train
 from mixlab.weighting import DataWeighter, WeightingConfig, batch_weights, load_net, save_net
 from mixlab.weighting.model import NetSpec, WeightingNet, standardise
 
@@ -151,33 +151,7 @@ def test_composes_with_a_dynamic_mixer(tiny_data, tmp_path):
 def test_resume_is_bit_identical(tiny_data, tmp_path):
     extra = ["checkpoint.every=7", "weighting.stages=3", "weighting.updates_per_stage=4",
              "weighting.use_loss=true", "weighting.use_progress=true"]
-    full = train(dwm_cfg(tiny_data, *extra), tmp_path / "full")
-    trainer = Trainer(dwm_cfg(tiny_data, *extra), tmp_path / "cut")
-    real, calls = trainer.train_step, {"n": 0}
-
-    def dying(plan):
-        calls["n"] += 1
-        if calls["n"] > 17:
-            raise SystemExit("killed")
-        return real(plan)
-
-    trainer.train_step = dying
-    with pytest.raises(SystemExit):
-        trainer.run()
-    resumed = train(dwm_cfg(tiny_data, *extra), tmp_path / "cut", resume=True)
-    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING_KEYS}  # noqa: E731
-    assert strip(resumed) == strip(full)
-
-    def lines(run):
-        out = []
-        for ln in (run / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(ln)
-            rec.pop("tokens_per_s", None)
-            rec.pop("elapsed_s", None)
-            out.append(rec)
-        return out
-
-    assert lines(tmp_path / "cut") == lines(tmp_path / "full")
+    assert_resume_identical(lambda: dwm_cfg(tiny_data, *extra), tmp_path, kill_after=17)
     assert (tmp_path / "cut" / "dwm.json").read_text() == (tmp_path / "full" / "dwm.json").read_text()
     sha = DataDir.open(tiny_data).manifest.tokenizer_sha256
     (a, meta_a), (b, meta_b) = (load_net(tmp_path / r, sha, ["a", "b", "c"]) for r in ("cut", "full"))
