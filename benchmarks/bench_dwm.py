@@ -1,6 +1,6 @@
 """The DWM benchmark: per-sample weighting (the Data Weighting Model) on the built-in corpus.
 
-Parts (``--parts a,b,c,d``; run in the order a, b, d, c):
+Parts (``--parts a,b,c,d,e``; run in the order a, b, d, c, e):
 
 a. clean data: uniform (stratified, no weighting) vs DWM vs DWM + ODM, over seeds;
 b. corrupted data: a copy of the data dir in which a stated fraction (``--fraction``) of each
@@ -13,12 +13,19 @@ b. corrupted data: a copy of the data dir in which a stated fraction (``--fracti
 c. transfer: the weighting model of each (b) DWM run, frozen, weights the batches of an LM
    ~4x bigger, against that LM trained uniformly (same corrupted data, same seed);
 d. wall time of DWM runs over plain runs at equal steps: the (a)/(b) runs (run one after the
-   other in this process, seed by seed) and extra interleaved pairs with ``method = 'fd'``.
+   other in this process, seed by seed) and extra interleaved pairs with ``method = 'fd'``;
+e. DSIR-selected data with and without DWM: ``mixlab.offline.select`` keeps ``--select-fraction``
+   of the corrupted copy's train pieces (b) against a target made of the clean validation
+   documents of every domain ("pooled"), and the same fraction within each domain against that
+   domain's clean validation documents ("per-domain"); on each selection, uniform vs DWM (as in
+   b, also ``use_loss``), against the uniform runs of (b) on the whole corrupted pool (same
+   seeds); the share of corrupted pieces in each selection.
 
 Every run validates against the clean val split (``weighting.validation = 'val'``). Prints
-Markdown tables; ``OUT/results.json`` holds every number. Finished runs are reused.
+Markdown tables; ``OUT/results.json`` holds every number (the parts of earlier invocations are
+kept). Finished runs are reused.
 
-    python benchmarks/bench_dwm.py [--seeds 3] [--steps 500] [--fraction 0.3] [--parts a,b,c,d]
+    python benchmarks/bench_dwm.py [--seeds 3] [--steps 500] [--fraction 0.3] [--parts a,b,c,d,e]
                                    [--out-dir data/bench-dwm] [--quick]
 """
 
@@ -133,6 +140,153 @@ def write_corrupted(src_dir: Path, out: Path, fraction: float, seed: int = 0) ->
             extra={"corrupted": {"fraction": fraction, "from": str(src_dir), "domains": record}},
         )
         write_json_atomic(root / MANIFEST, manifest.to_json())
+    return out
+
+
+def write_val_target(src_dir: Path, out: Path) -> Path:
+    """A data dir (same tokenizer) whose *train* split is the clean validation documents of
+    every domain of ``src_dir``: the DSIR target of part (e) (``mixlab select`` reads a target
+    data dir's train documents). Val/test are the same clean val/test documents."""
+    from mixlab.data.format import (
+        MANIFEST,
+        TOKENIZER,
+        DataDir,
+        DomainInfo,
+        Manifest,
+        ShardWriter,
+        atomic_dir,
+        open_if_current,
+        write_json_atomic,
+    )
+
+    src = DataDir.open(src_dir)
+    digest = hashlib.sha256(json.dumps(["val-target", 1, src.manifest.inputs_hash]).encode()).hexdigest()
+    if open_if_current(out, digest) is not None:
+        return out
+    dtype = np.dtype(src.manifest.dtype)
+    infos = []
+    with atomic_dir(out) as root:
+        shutil.copy(src.root / TOKENIZER, root / TOKENIZER)
+        for name in src.domains:
+            splits = {}
+            for dst, s in (("train", "val"), ("val", "val"), ("test", "test")):
+                sp = src.split(name, s)
+                w = ShardWriter(root, name, dst, dtype)
+                for j in range(sp.n_docs):
+                    w.add(sp.document(j))
+                splits[dst] = w.close()
+            infos.append(DomainInfo(name=name, splits=splits, source=f"val documents of {src_dir}"))
+        m = src.manifest
+        manifest = Manifest(
+            domains=infos, vocab_size=m.vocab_size, eos_id=m.eos_id, dtype=m.dtype,
+            tokenizer_sha256=m.tokenizer_sha256, created_by="benchmarks/bench_dwm.py",
+            command=f"bench_dwm.write_val_target({str(src_dir)!r})", source=m.source,
+            inputs_hash=digest, seed=0,
+        )
+        write_json_atomic(root / MANIFEST, manifest.to_json())
+    return out
+
+
+def write_dsir_per_domain(src_dir: Path, out: Path, fraction: float, seed: int = 0,
+                          chunk_tokens: int = 1024) -> Path:
+    """DSIR within each domain: ``fraction`` of each domain's train pieces, against that
+    domain's clean validation documents (what ``mixlab select --target domain:NAME`` does on a
+    pool of that one domain), with ``mixlab.offline.dsir.dsir_select`` and the pieces cut as
+    ``mixlab select`` cuts them. Same layout as a ``mixlab select`` output (``dsir/selected.npy``
+    [k, 4]: domain, document, start, end); val/test copied."""
+    from mixlab.data.cluster import build_units
+    from mixlab.data.format import (
+        MANIFEST,
+        TOKENIZER,
+        DataDir,
+        DomainInfo,
+        Manifest,
+        ShardWriter,
+        atomic_dir,
+        open_if_current,
+        write_json_atomic,
+    )
+    from mixlab.offline.dsir import dsir_select
+
+    src = DataDir.open(src_dir)
+    digest = hashlib.sha256(json.dumps(["dsir-per-domain", 1, src.manifest.inputs_hash, fraction, seed,
+                                        chunk_tokens]).encode()).hexdigest()
+    if open_if_current(out, digest) is not None:
+        return out
+    dtype = np.dtype(src.manifest.dtype)
+    infos, table = [], []
+    with atomic_dir(out) as root:
+        shutil.copy(src.root / TOKENIZER, root / TOKENIZER)
+        for d, name in enumerate(src.domains):
+            train, val = src.split(name, "train"), src.split(name, "val")
+            docs = [train.document(j) for j in range(train.n_docs)]
+            u = build_units([np.array([len(x) for x in docs])], chunk_tokens)
+            pool = [docs[j][s: min(e, n - 1)] for j, s, e, n in
+                    zip(u.doc.tolist(), u.start.tolist(), u.end.tolist(), u.doc_len.tolist())]
+            target = [val.document(j)[:-1] for j in range(val.n_docs)]
+            chosen = np.sort(dsir_select(pool, target, fraction, seed)[0])
+            splits = {}
+            w = ShardWriter(root, name, "train", dtype)
+            for i in chosen.tolist():
+                j, s, e, n = int(u.doc[i]), int(u.start[i]), int(u.end[i]), int(u.doc_len[i])
+                w.add(docs[j][s:e] if e >= n else np.append(docs[j][s:e], src.manifest.eos_id))
+                table.append((d, j, s, e))
+            splits["train"] = w.close()
+            for s_ in ("val", "test"):
+                sp = src.split(name, s_)
+                w = ShardWriter(root, name, s_, dtype)
+                for j in range(sp.n_docs):
+                    w.add(sp.document(j))
+                splits[s_] = w.close()
+            infos.append(DomainInfo(name=name, splits=splits, source=f"per-domain DSIR selection of {src_dir}"))
+        (root / "dsir").mkdir()
+        np.save(root / "dsir" / "selected.npy", np.array(table, dtype=np.int64).reshape(-1, 4))
+        m = src.manifest
+        manifest = Manifest(
+            domains=infos, vocab_size=m.vocab_size, eos_id=m.eos_id, dtype=m.dtype,
+            tokenizer_sha256=m.tokenizer_sha256, created_by="benchmarks/bench_dwm.py",
+            command=f"bench_dwm.write_dsir_per_domain({str(src_dir)!r}, fraction={fraction}, seed={seed})",
+            source=m.source, inputs_hash=digest, seed=seed,
+        )
+        write_json_atomic(root / MANIFEST, manifest.to_json())
+    return out
+
+
+def selection_stats(corrupt_dir: Path, sel_dir: Path, chunk_tokens: int) -> dict[str, Any]:
+    """Clean / shuffled / swapped train pieces and tokens of the pool (the corrupted copy, cut
+    into pieces as ``mixlab select`` cuts it) and of its DSIR selection (``dsir/selected.npy``),
+    by the corrupted copy's record of which documents it corrupted."""
+    from mixlab.data.cluster import build_units
+    from mixlab.data.format import DataDir
+
+    data = DataDir.open(corrupt_dir)
+    rec = data.manifest.extra["corrupted"]["domains"]
+    kinds, lengths = [], []
+    for name in data.domains:
+        sp = data.split(name, "train")
+        k = np.zeros(sp.n_docs, dtype=np.int64)
+        k[rec[name]["shuffled_docs"]] = 1
+        k[rec[name]["swapped_docs"]] = 2
+        kinds.append(k)
+        lengths.append(np.array([len(sp.document(j)) for j in range(sp.n_docs)]))
+    u = build_units(lengths, chunk_tokens)
+    pool_kind = np.array([kinds[d][j] for d, j in zip(u.domain.tolist(), u.doc.tolist())])
+    sel = np.load(Path(sel_dir) / "dsir" / "selected.npy")  # [k, 4]: domain, doc, start, end
+    sel_kind = np.array([kinds[d][j] for d, j in zip(sel[:, 0].tolist(), sel[:, 1].tolist())])
+    sel_tok = sel[:, 3] - sel[:, 2]
+    pool_tok = u.end - u.start
+    out: dict[str, Any] = {"pool_pieces": u.n, "selected_pieces": len(sel)}
+    for k, name in enumerate(("clean", "shuffled", "swapped")):
+        out[f"pool_{name}_pieces"] = int((pool_kind == k).sum())
+        out[f"selected_{name}_pieces"] = int((sel_kind == k).sum())
+        out[f"pool_{name}_tokens"] = int(pool_tok[pool_kind == k].sum())
+        out[f"selected_{name}_tokens"] = int(sel_tok[sel_kind == k].sum())
+        out[f"kept_share_of_{name}_pieces"] = out[f"selected_{name}_pieces"] / max(1, out[f"pool_{name}_pieces"])
+    out["selected_pieces_per_domain"] = {
+        name: int((sel[:, 0] == d).sum()) for d, name in enumerate(data.domains)}
+    out["selected_corrupted_share_per_domain"] = {
+        name: float((sel_kind[sel[:, 0] == d] > 0).mean()) for d, name in enumerate(data.domains)
+        if (sel[:, 0] == d).any()}
     return out
 
 
@@ -346,9 +500,9 @@ def paired(xs: list[float]) -> str:
     return f"{mean:+.4f} ± {sd:.4f}{' (noise)' if noise else ''}"
 
 
-def compare_table(res: dict[str, Any], base: str = "uniform") -> list[str]:
-    lines = ["| method | val avg loss | test avg loss | Δ val vs uniform (paired) | Δ test vs uniform (paired) "
-             "| Δ test per seed | seeds better (test) | wall time vs uniform |", "|---|---|---|---|---|---|---|---|"]
+def compare_table(res: dict[str, Any], base: str = "uniform", label: str = "uniform") -> list[str]:
+    lines = [f"| method | val avg loss | test avg loss | Δ val vs {label} (paired) | Δ test vs {label} (paired) "
+             f"| Δ test per seed | seeds better (test) | wall time vs {label} |", "|---|---|---|---|---|---|---|---|"]
     b = {r["seed"]: r for r in res[base]}
     for m, rows in res.items():
         vals = [r["val"] for r in rows]
@@ -389,7 +543,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--fraction", type=float, default=0.3, help="fraction of train tokens corrupted (b, c)")
-    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--parts", default="a,b,c,d,e")
     ap.add_argument("--out-dir", default="data/bench-dwm")
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--updates", type=int, default=10, help="weighting.updates_per_stage")
@@ -402,6 +556,12 @@ def main() -> int:
     ap.add_argument("--no-loss-variant", action="store_true", help="part b: skip DWM with use_loss")
     ap.add_argument("--no-lr-variant", action="store_true",
                     help="part b: skip tokens-only DWM with 10x the default weighting.lr (0.03)")
+    ap.add_argument("--select-fraction", type=float, default=0.7,
+                    help="part e: share of the corrupted pool's train pieces DSIR keeps")
+    ap.add_argument("--select-methods", default="uniform,dwm,dwm_loss",
+                    help="part e: methods trained on the DSIR selection, comma-separated")
+    ap.add_argument("--per-domain-methods", default="uniform,dwm,dwm_loss",
+                    help="part e: methods trained on the per-domain DSIR selection ('' = skip it)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--test-windows", type=int, default=128)
     args = ap.parse_args()
@@ -421,7 +581,10 @@ def main() -> int:
     clean_dir = cache_dir() / "builtin-v2048"
     prepare(PrepareConfig(source="builtin", out=str(clean_dir), vocab_size=2048))
     corrupt_dir = Path(args.out_dir) / f"data-corrupt-f{args.fraction:g}"
-    results: dict[str, Any] = {"args": vars(args)}
+    results: dict[str, Any] = {}
+    if (out / "results.json").is_file():  # keep the parts of earlier invocations
+        results = json.loads((out / "results.json").read_text())
+    results["args"] = vars(args)
     md: list[str] = []
     say = lambda t: print(f"[bench_dwm] {t}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -437,7 +600,7 @@ def main() -> int:
         results["a"] = res
         md += ["### (a) clean data", "", *compare_table(res), ""]
 
-    if "b" in parts or "c" in parts:
+    if parts & {"b", "c", "e"}:
         write_corrupted(clean_dir, corrupt_dir, args.fraction)
         rec = DataDir.open(corrupt_dir).manifest.extra["corrupted"]["domains"]
         tot = sum(r["tokens"] for r in rec.values())
@@ -532,6 +695,11 @@ def main() -> int:
         big = [f"model.d_model={d}", f"model.n_layer={n_layer}", f"model.n_head={n_head}"]
         sources = args.transfer_from.split(",")
         rows: dict[str, list[dict[str, Any]]] = {"uniform": [], **{f"frozen {m} from small": [] for m in sources}}
+        # Controls: is the gain transfer, or a trained filter applied from step 0? The big LM
+        # with its own in-run model, and the small LM with the frozen model from step 0.
+        controls: dict[str, list[dict[str, Any]]] = {
+            "small uniform (b)": [], **{f"small + frozen {m} (its own, from step 0)": [] for m in sources}}
+        rows.update({f"big + in-run {m}": [] for m in sources})
         small_params = None
         for seed in range(args.transfer_seeds):
             variants: list[tuple[str, str, list[str]]] = [("uniform", "uniform", [])]
@@ -542,15 +710,110 @@ def main() -> int:
                 variants.append((f"frozen {m} from small", f"frozen_{m}", [
                     "weighting.name='dwm'", f"weighting.load='{src}'", "weighting.frozen=true",
                     f"weighting.stages={args.stages}", "weighting.validation='val'"]))
+            variants += [(f"big + in-run {m}", f"big_{m}", method_overrides(args, m)) for m in sources]
             for name, tag, extra in variants:
                 s = run(corrupt_dir, out / "c" / tag / f"s{seed}", [f"train.seed={seed}", *big, *extra], args)
                 rows[name].append({"seed": seed, "val": s["val"]["avg_loss"], "test": s["test"]["avg_loss"],
                                    "wall": s["wall_time_s"], "parameters": s["parameters"]})
+            s = run(corrupt_dir, out / "b" / "uniform" / f"s{seed}", [f"train.seed={seed}"], args)
+            controls["small uniform (b)"].append(
+                {"seed": seed, "val": s["val"]["avg_loss"], "test": s["test"]["avg_loss"], "wall": s["wall_time_s"]})
+            for m in sources:
+                src = out / "b" / m / f"s{seed}"
+                s = run(corrupt_dir, out / "c" / f"small_frozen_{m}" / f"s{seed}", [
+                    f"train.seed={seed}", "weighting.name='dwm'", f"weighting.load='{src}'",
+                    "weighting.frozen=true", f"weighting.stages={args.stages}", "weighting.validation='val'"], args)
+                controls[f"small + frozen {m} (its own, from step 0)"].append(
+                    {"seed": seed, "val": s["val"]["avg_loss"], "test": s["test"]["avg_loss"], "wall": s["wall_time_s"]})
         results["c"] = rows
+        results["c_controls"] = controls
         bp = rows["uniform"][0]["parameters"]
         md += [f"### (c) transfer: weighting model trained with the {small_params:,}-parameter LM in (b), "
                f"frozen, for a {bp:,}-parameter LM (d{d}/L{n_layer}, {bp / small_params:.1f}x), corrupted "
-               "data; 'uniform' = the big LM without weighting", "", *compare_table(rows), ""]
+               "data; 'uniform' = the big LM without weighting", "", *compare_table(rows), "",
+               "Control on the small LM: its own (b) weighting model, frozen, from step 0 "
+               "('uniform' = part b's uniform runs of the same seeds):", "",
+               *compare_table(controls, base="small uniform (b)", label="small uniform"), ""]
+
+    if "e" in parts:
+        say("part e: DSIR-selected data, with and without DWM")
+        from mixlab.offline.select import SelectConfig, select
+
+        target_dir = write_val_target(corrupt_dir, Path(args.out_dir) / "target-clean-val")
+        tdata = DataDir.open(target_dir)
+        tdocs = sum(tdata.split(d, "train").n_docs for d in tdata.domains)
+        prev = results.get("e", {})
+        pool_uniform = compare_part(corrupt_dir, out / "b", ["uniform"], args)["uniform"]
+        results["e"] = {"target_dir": str(target_dir), "pool_uniform": pool_uniform}
+        stem = f"data-corrupt-f{args.fraction:g}-dsir{args.select_fraction:g}"
+        variants = [("pooled", Path(args.out_dir) / stem, args.select_methods.split(","), "e",
+                     f"one selection over all domains (`mixlab.offline.select`, as `mixlab select --target "
+                     f"{target_dir}`: target = the {tdocs} clean validation documents of all 5 domains)"),
+                    ("per_domain", Path(args.out_dir) / f"{stem}-per-domain",
+                     [m for m in args.per_domain_methods.split(",") if m], "e_per_domain",
+                     "within each domain, against that domain's clean validation documents "
+                     "(`mixlab.offline.dsir.dsir_select` per domain, as `--target domain:NAME` on a pool of "
+                     "that domain alone)")]
+        for tag, sel_dir, methods, sub, how in variants:
+            if not methods:
+                continue
+            t0 = time.perf_counter()
+            if tag == "pooled":
+                scfg = SelectConfig(data=str(corrupt_dir), target=str(target_dir), fraction=args.select_fraction,
+                                    out=str(sel_dir))
+                msgs: list[str] = []
+                select(scfg, log=lambda m, msgs=msgs: (msgs.append(m), say(m)))
+                reused = any("up to date" in m for m in msgs)
+            else:
+                reused = (sel_dir / "dsir" / "selected.npy").is_file()
+                write_dsir_per_domain(corrupt_dir, sel_dir, args.select_fraction)
+            sel_s = time.perf_counter() - t0
+            if reused:  # keep the time of the build
+                sel_s = prev.get(tag, {}).get("selection", {}).get("select_s", sel_s)
+            st = selection_stats(corrupt_dir, sel_dir, 1024)
+            st["select_s"] = sel_s
+            sel_res = compare_part(sel_dir, out / sub, methods, args)
+            results["e"][tag] = {"selection": st, "selected_dir": str(sel_dir), **sel_res}
+
+            def row(kind: str, st: dict[str, Any] = st) -> str:
+                p, s_ = st[f"pool_{kind}_pieces"], st[f"selected_{kind}_pieces"]
+                pool_tok = sum(st[f"pool_{k}_tokens"] for k in ("clean", "shuffled", "swapped"))
+                sel_tok = sum(st[f"selected_{k}_tokens"] for k in ("clean", "shuffled", "swapped"))
+                return (f"| {kind} | {p:,} ({p / st['pool_pieces']:.1%}) | {st[f'pool_{kind}_tokens'] / pool_tok:.1%} "
+                        f"| {s_:,} ({s_ / st['selected_pieces']:.1%}) | {st[f'selected_{kind}_tokens'] / sel_tok:.1%} "
+                        f"| {s_ / max(1, p):.1%} |")
+
+            label = f"{tag.replace('_', '-')} DSIR"
+            md += [f"### (e, {tag.replace('_', '-')}) DSIR selection of the corrupted pool "
+                   f"({args.select_fraction:.0%} of its train pieces), {how}, with and without DWM", "",
+                   f"Selection `{sel_dir}` ({sel_s:.1f} s; pieces of ≤ 1024 tokens):", "",
+                   "| pieces | pool pieces | pool tokens | selected pieces | selected tokens | share of the pool's kept |",
+                   "|---|---|---|---|---|---|", row("clean"), row("shuffled"), row("swapped"),
+                   f"| all | {st['pool_pieces']:,} | 100% | {st['selected_pieces']:,} | 100% "
+                   f"| {st['selected_pieces'] / st['pool_pieces']:.1%} |", "",
+                   "Per domain, corrupted share of the selected pieces (selected pieces): "
+                   + ", ".join(f"{d} {v:.1%} ({st['selected_pieces_per_domain'][d]:,})"
+                               for d, v in st["selected_corrupted_share_per_domain"].items()) + ".", ""]
+            both = {"uniform, full pool (b)": pool_uniform, **{f"{m}, {label}": sel_res[m] for m in methods}}
+            md += ["Against uniform on the whole corrupted pool (the uniform runs of (b), same seeds):", "",
+                   *compare_table(both, "uniform, full pool (b)", "pool uniform"), ""]
+            doms = list(st["selected_pieces_per_domain"])
+            per = {m: [json.loads((Path(r["run"]) / "summary.json").read_text())["test"]["loss"] for r in rows]
+                   for m, rows in both.items()}
+            md += ["Test loss per domain, mean over seeds (Δ: paired, vs pool uniform):", "",
+                   "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+            for m, losses in per.items():
+                cells = []
+                for d in doms:
+                    x = statistics.mean(v[d] for v in losses)
+                    dx = statistics.mean(v[d] - b_[d] for v, b_ in zip(losses, per["uniform, full pool (b)"]))
+                    cells.append(f"{x:.3f}" if m == "uniform, full pool (b)" else f"{x:.3f} ({dx:+.3f})")
+                md.append(f"| {m} | " + " | ".join(cells) + " |")
+            md.append("")
+            if "uniform" in methods and len(methods) > 1:
+                md += [f"Against uniform on the same selection ({label}):", "",
+                       *compare_table({f"{m}, {label}": sel_res[m] for m in methods}, f"uniform, {label}",
+                                      "selection uniform"), ""]
 
     elapsed = time.perf_counter() - t_start
     results["elapsed_s"] = elapsed
