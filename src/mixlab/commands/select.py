@@ -23,7 +23,9 @@ def add_parser(sub: Any) -> None:
         "--target",
         required=True,
         help="a data dir (its train documents), a .txt/.jsonl file or folder, or domain:NAME "
-        "(the validation documents of the pool's domain NAME)",
+        "(the validation documents of the pool's domain NAME); with --per-domain, a data dir's "
+        "domain of the same name, and the pool itself (= --data) means each domain's own "
+        "validation documents",
     )
     p.add_argument(
         "--fraction", type=float, required=True, help="share of the pool's train pieces to keep, in (0, 1]"
@@ -49,6 +51,14 @@ def add_parser(sub: Any) -> None:
         default=257,
         help="drop a domain left with fewer train tokens; use seq_len + 1 (default: 257)",
     )
+    p.add_argument(
+        "--per-domain",
+        action="store_true",
+        help="keep --fraction of every domain's pieces, each domain selected by DSIR within itself "
+        "against its own target documents (a domain the target lacks: the whole target); "
+        "domain:NAME is refused. One pooled selection mostly re-weights domains and can empty "
+        "one; this filters within domains",
+    )
     p.set_defaults(run=run)
 
 
@@ -66,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         smoothing=args.smoothing,
         chunk_tokens=args.chunk_tokens,
         min_tokens=args.min_tokens,
+        per_domain=args.per_domain,
     )
     t0 = time.perf_counter()
     data = select(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -8,11 +8,22 @@
   selected data are evaluated on exactly the same windows as runs on the pool.
 * **Domains are kept.** A selected piece stays in its domain, so mixing methods still work on
   the selection. A domain left with fewer than ``min_tokens`` train tokens (no training window)
-  is dropped and reported; none left is an error.
+  is dropped and reported; none left is an error. A domain that keeps less than
+  ``STARVED_SHARE`` (10%) of ``fraction`` of its pieces is named in a warning: one pooled
+  selection mostly re-weights domains, and a per-domain mixer then draws that domain's whole
+  share from a few pieces.
+* **Pooled or per domain.** By default one selection runs over all pieces against the whole
+  target (``fraction`` of all pieces). With ``per_domain`` each domain keeps ``fraction`` of its
+  own pieces, chosen by DSIR within the domain (the raw model is fitted on that domain's
+  pieces) against the target documents of the same domain: a data dir target's train documents
+  of the same-named domain; the pool itself as the target (``--target`` = ``--data``) gives each
+  domain's own validation documents. A domain the target lacks (or a target without domains, a
+  text file/folder) is selected against the whole target, and the log says so.
+  ``domain:NAME`` is refused with ``per_domain`` (one domain's documents are no per-domain target).
 * **The target** is one of: a data dir (its train documents, every domain; it must use the
   pool's tokenizer), a ``.txt``/``.jsonl`` file or a folder of them (encoded with the pool's
   tokenizer), or ``domain:NAME`` (the validation documents of the pool's domain NAME; those are
-  then not independent of that domain's evaluation).
+  then not independent of that domain's evaluation). With ``per_domain``, see above.
 * **Output.** Same tokenizer (copied), same format; ``manifest.extra["dsir"]`` records the
   options, the target, the pieces and tokens kept per domain and the dropped domains;
   ``OUT/dsir/selected.npy`` is int64 [k, 4] (source domain, source document, start, end) of
@@ -48,10 +59,13 @@ from mixlab.data.format import (
     write_json_atomic,
 )
 from mixlab.errors import ConfigError, DataError
-from mixlab.offline.dsir import dsir_select, select_count
+from mixlab.offline.dsir import dsir_select, gumbel_top_k, select_count
 
 SELECT_VERSION = 1
 """Bumped whenever features, sampling or the output layout change, so outputs are rebuilt."""
+
+STARVED_SHARE = 0.1
+"""Warn when a domain keeps less than this times ``fraction`` of its train pieces."""
 
 Log = Callable[[str], None]
 
@@ -80,6 +94,8 @@ class SelectConfig:
     """Cut train documents into pieces of at most this many tokens (0 = whole documents)."""
     min_tokens: int = 257
     """Drop a domain left with fewer train tokens than this (seq_len + 1 gives one window)."""
+    per_domain: bool = False
+    """Keep ``fraction`` of each domain's pieces, each domain against its own target documents."""
 
     def __post_init__(self) -> None:
         if not self.data or not self.out or not self.target:
@@ -92,27 +108,39 @@ class SelectConfig:
             raise ConfigError(f"chunk_tokens must be 0 or at least 8, got {self.chunk_tokens}.")
         if self.min_tokens < 1:
             raise ConfigError(f"min_tokens must be at least 1, got {self.min_tokens}.")
+        if self.per_domain and self.target.startswith("domain:"):
+            raise ConfigError(
+                "--per-domain selects each domain against its own target documents; "
+                f"'--target {self.target}' is one domain's. Give --target {self.data or 'POOL'} "
+                "(each domain's own validation documents), a data dir with the same domain names, "
+                "or a text target (used whole for every domain)."
+            )
+
+
+def _target_dir(path: Path, data: DataDir) -> DataDir:
+    tgt = DataDir.open(path)
+    if tgt.manifest.tokenizer_sha256 != data.manifest.tokenizer_sha256:
+        raise DataError(
+            f"target data dir '{path}' uses another tokenizer than '{data.root}'; prepare it "
+            f"with --tokenizer {data.root / TOKENIZER}, or give its text files instead."
+        )
+    return tgt
+
+
+def _split_documents(data: DataDir, domain: str, split: str) -> list[np.ndarray]:
+    """Token ids (EOS removed) of the documents of one split of one domain."""
+    sp = data.split(domain, split)
+    return [sp.document(j)[:-1] for j in range(sp.n_docs)]
 
 
 def target_documents(target: str, data: DataDir) -> list[np.ndarray]:
     """Token ids (EOS removed) of the target's documents, in the pool's tokenizer."""
     if target.startswith("domain:"):
-        name = target[len("domain:") :]
-        split = data.split(name, "val")
-        return [split.document(j)[:-1] for j in range(split.n_docs)]
+        return _split_documents(data, target[len("domain:") :], "val")
     path = Path(target)
     if (path / MANIFEST).is_file():
-        tgt = DataDir.open(path)
-        if tgt.manifest.tokenizer_sha256 != data.manifest.tokenizer_sha256:
-            raise DataError(
-                f"target data dir '{path}' uses another tokenizer than '{data.root}'; prepare it "
-                f"with --tokenizer {data.root / TOKENIZER}, or give its text files instead."
-            )
-        docs = []
-        for d in tgt.domains:
-            sp = tgt.split(d, "train")
-            docs += [sp.document(j)[:-1] for j in range(sp.n_docs)]
-        return docs
+        tgt = _target_dir(path, data)
+        return [doc for d in tgt.domains for doc in _split_documents(tgt, d, "train")]
     if not path.exists():
         raise ConfigError(
             f"--target '{target}' does not exist; give a data dir, a .txt/.jsonl file or folder, "
@@ -125,6 +153,31 @@ def target_documents(target: str, data: DataDir) -> list[np.ndarray]:
     return [ids[:-1] for ids in encode_documents(data.tokenizer(), texts, data.eos_id)]
 
 
+def domain_target_documents(
+    target: str, data: DataDir
+) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
+    """(pool domain -> its own target documents, the whole target) for ``per_domain``.
+
+    A data dir: the train documents of its domain of the same name (whole target: all its train
+    documents). The pool itself: each domain's validation documents (whole: all of them). A text
+    file/folder has no domains: the mapping is empty. Documents without a token are left out;
+    a domain left with none is not in the mapping (it is selected against the whole target).
+    """
+    if target.startswith("domain:"):
+        raise ConfigError(f"--per-domain cannot use '--target {target}' (one domain's documents).")
+    path = Path(target)
+    own: dict[str, list[np.ndarray]] = {}
+    if (path / MANIFEST).is_file():
+        if path.resolve() == data.root.resolve():
+            tgt, split = data, "val"
+        else:
+            tgt, split = _target_dir(path, data), "train"
+        docs = {d: [x for x in _split_documents(tgt, d, split) if x.size] for d in tgt.domains}
+        own = {d: docs[d] for d in data.domains if docs.get(d)}
+        return own, [x for d in tgt.domains for x in docs[d]]
+    return own, [d for d in target_documents(target, data) if d.size]
+
+
 def _hash_docs(docs: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     for d in docs:
@@ -133,15 +186,27 @@ def _hash_docs(docs: list[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def inputs_hash(cfg: SelectConfig, data: DataDir, target_docs: list[np.ndarray]) -> str:
-    """SHA-256 over the pool's manifest, the target's tokens, the options and the version."""
+def inputs_hash(
+    cfg: SelectConfig,
+    data: DataDir,
+    target_docs: list[np.ndarray],
+    own_docs: dict[str, list[np.ndarray]] | None = None,
+) -> str:
+    """SHA-256 over the pool's manifest, the target's tokens (with ``per_domain``: also which
+    documents each domain is selected against), the options and the version."""
     options = asdict(cfg)
     for key in ("data", "out", "target"):
         options.pop(key)
+    if not cfg.per_domain:
+        options.pop("per_domain")  # pooled outputs made before the option existed stay current
+    target = _hash_docs(target_docs)
+    if cfg.per_domain:
+        own = {name: _hash_docs(docs) for name, docs in (own_docs or {}).items()}
+        target = hashlib.sha256(json.dumps([target, own], sort_keys=True).encode()).hexdigest()
     payload = {
         "select": SELECT_VERSION,
         "input": hashlib.sha256((data.root / MANIFEST).read_bytes()).hexdigest(),
-        "target": _hash_docs(target_docs),
+        "target": target,
         "options": options,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -155,7 +220,54 @@ def equivalent_command(cfg: SelectConfig) -> str:
     for name in ("seed", "buckets", "ngrams", "smoothing", "chunk_tokens", "min_tokens"):
         if getattr(cfg, name) != defaults[name].default:
             args += [f"--{name.replace('_', '-')}", str(getattr(cfg, name))]
+    if cfg.per_domain:
+        args.append("--per-domain")
     return shlex.join(args)
+
+
+def _select_per_domain(
+    cfg: SelectConfig,
+    data: DataDir,
+    units: Any,
+    pool: list[np.ndarray],
+    own: dict[str, list[np.ndarray]],
+    whole: list[np.ndarray],
+    say: Log,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept piece indices ascending, log weights [n]): ``fraction`` of every domain's pieces,
+    DSIR within the domain against ``own[domain]`` (``whole`` where it has none)."""
+    m = len(data.domains)
+    counts = np.bincount(units.domain, minlength=m)
+    k = sum(select_count(int(c), cfg.fraction) for c in counts if c)
+    say(
+        f"DSIR per domain: {units.n} pool pieces in {m} domains, {len(whole)} target documents; "
+        f"keeping {cfg.fraction} of each domain's pieces ({k}) ..."
+    )
+    missing = [data.domains[d] for d in range(m) if counts[d] and data.domains[d] not in own]
+    if missing:
+        say(
+            f"domain(s) {', '.join(missing)}: no target documents of their own; selected against "
+            f"the whole target ({len(whole)} documents)"
+        )
+    chosen, log_w = [], np.zeros(units.n, dtype=np.float64)
+    for d in range(m):
+        idx = np.flatnonzero(units.domain == d)
+        if idx.size == 0:
+            continue
+        # A stream of its own per domain, fixed by (seed, domain index).
+        seed = int(np.random.SeedSequence([cfg.seed, d]).generate_state(1)[0])
+        pieces = [pool[i] for i in idx.tolist()]
+        if not any(p.size for p in pieces):  # nothing to weigh: a uniform draw
+            lw = np.zeros(idx.size)
+            sel = gumbel_top_k(lw, select_count(idx.size, cfg.fraction), seed)
+        else:
+            sel, lw = dsir_select(
+                pieces, own.get(data.domains[d], whole), cfg.fraction, seed,
+                cfg.buckets, cfg.ngrams, cfg.smoothing,
+            )  # fmt: skip
+        chosen.append(idx[sel])
+        log_w[idx] = lw
+    return np.sort(np.concatenate(chosen)), log_w
 
 
 def select(cfg: SelectConfig, log: Log | None = None) -> DataDir:
@@ -167,10 +279,14 @@ def select(cfg: SelectConfig, log: Log | None = None) -> DataDir:
     out = Path(cfg.out)
     if out.resolve() == data.root.resolve():
         raise DataError(f"--out '{out}' is the input data dir; write the selection elsewhere.")
-    tdocs = [d for d in target_documents(cfg.target, data) if d.size]
+    own: dict[str, list[np.ndarray]] | None = None
+    if cfg.per_domain:
+        own, tdocs = domain_target_documents(cfg.target, data)
+    else:
+        tdocs = [d for d in target_documents(cfg.target, data) if d.size]
     if not tdocs:
         raise DataError(f"the target '{cfg.target}' holds no document with a token.")
-    digest = inputs_hash(cfg, data, tdocs)
+    digest = inputs_hash(cfg, data, tdocs, own)
     existing = open_if_current(out, digest)
     if existing is not None:
         say(f"{out} is up to date (same input, target and options); nothing to do.")
@@ -187,17 +303,28 @@ def select(cfg: SelectConfig, log: Log | None = None) -> DataDir:
         ]
         for i in range(u.n)
     ]
-    k = select_count(u.n, cfg.fraction)
-    say(f"DSIR: {len(tdocs)} target documents, {u.n} pool pieces; keeping {k} ...")
-    chosen, log_w = dsir_select(
-        pool, tdocs, cfg.fraction, cfg.seed, cfg.buckets, cfg.ngrams, cfg.smoothing
-    )
+    if own is not None:
+        chosen, log_w = _select_per_domain(cfg, data, u, pool, own, tdocs, say)
+    else:
+        k = select_count(u.n, cfg.fraction)
+        say(f"DSIR: {len(tdocs)} target documents, {u.n} pool pieces; keeping {k} ...")
+        chosen, log_w = dsir_select(
+            pool, tdocs, cfg.fraction, cfg.seed, cfg.buckets, cfg.ngrams, cfg.smoothing
+        )
     keep = np.zeros(u.n, dtype=bool)
     keep[chosen] = True
 
     m = len(data.domains)
     pieces = np.bincount(u.domain[keep], minlength=m)
     tokens = np.bincount(u.domain[keep], weights=u.tokens[keep], minlength=m).astype(np.int64)
+    pool_pieces = np.bincount(u.domain, minlength=m)
+    for d in np.flatnonzero(pieces < STARVED_SHARE * cfg.fraction * pool_pieces).tolist():
+        hint = "" if cfg.per_domain else " (pooled DSIR re-weights domains; see --per-domain)"
+        say(
+            f"warning: domain {data.domains[d]} keeps {pieces[d] / pool_pieces[d]:.1%} of its "
+            f"train pieces ({int(pieces[d]):,} of {int(pool_pieces[d]):,}) at --fraction "
+            f"{cfg.fraction}{hint}"
+        )
     kept = [d for d in range(m) if tokens[d] >= cfg.min_tokens]
     dropped = [data.domains[d] for d in range(m) if d not in kept]
     if not kept:
@@ -207,6 +334,12 @@ def select(cfg: SelectConfig, log: Log | None = None) -> DataDir:
     if dropped:
         say(f"dropping domain(s) {', '.join(dropped)}: fewer than {cfg.min_tokens} tokens selected")
 
+    per_domain_info: dict[str, Any] = {}
+    if own is not None:
+        per_domain_info = {
+            "target_docs_per_domain": {n: len(own.get(n, tdocs)) for n in data.domains},
+            "whole_target_domains": [n for n in data.domains if n not in own],
+        }
     with atomic_dir(out) as tmp:
         shutil.copyfile(data.root / TOKENIZER, tmp / TOKENIZER)
         (tmp / "dsir").mkdir()
@@ -252,6 +385,7 @@ def select(cfg: SelectConfig, log: Log | None = None) -> DataDir:
                         data.domains[d]: int(u.tokens[u.domain == d].sum()) for d in range(m)
                     },
                     "dropped_domains": dropped,
+                    **per_domain_info,
                     "log_weight_quantiles": np.quantile(log_w, [0, 0.25, 0.5, 0.75, 1]).tolist(),
                     "selected": "dsir/selected.npy",
                     "selected_columns": ["source_domain", "source_doc", "start", "end"],
@@ -281,6 +415,8 @@ def summary_table(data: DataDir) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.append(
         f"kept {info['selected_pieces']:,} of {info['pool_pieces']:,} pieces "
-        f"(fraction {info['options']['fraction']}) against {info['target_docs']} target documents"
+        f"(fraction {info['options']['fraction']}"
+        + (" of each domain" if info["options"].get("per_domain") else "")
+        + f") against {info['target_docs']} target documents"
     )
     return "\n".join(lines)
