@@ -445,7 +445,8 @@ class Trainer:
         else:
             load_model(self.model, ckpts[-1] / "model.safetensors")
         self.load_state_dict(state)
-        _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+        if self.is_main:  # one writer: two ranks replacing the same file race (seen in CI)
+            _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         return True
 
     def _prepare_out_dir(self, resume: bool) -> bool:
