@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mixlab.config import apply_overrides, describe, field_docs, from_dict, parse_override
@@ -74,3 +76,13 @@ def test_describe_round_trips_as_toml():
     assert "# Optimizer steps." in text
     parsed = tomllib.loads(text)
     assert from_dict(TrainConfig, parsed) == TrainConfig()
+
+
+def test_train_config_files_in_the_repo(tmp_path):
+    """configs/small.toml is a train config; configs/demo.toml (a compare config) is refused by
+    `mixlab train` with a message that says what to do."""
+    root = Path(__file__).parents[1] / "configs"
+    cfg = load_config(root / "small.toml", ["weighting.name='dwm'"])
+    assert cfg.model.d_model == 64 and cfg.data.dir == "data/builtin" and cfg.weighting.enabled
+    with pytest.raises(ConfigError, match=r"compare config \(it has \[demo\], \[mixers\]\).*mixlab compare"):
+        load_config(root / "demo.toml")

@@ -224,5 +224,12 @@ class TrainConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a TOML config (or the defaults), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = load_toml(path) if path else {}
+    compare_tables = sorted({"compare", "mixers", "demo"} & set(data))
+    if compare_tables:
+        raise ConfigError(
+            f"'{path}' is a compare config (it has {', '.join(f'[{t}]' for t in compare_tables)}): "
+            "run it with `mixlab compare`, or give `mixlab train` a train config such as "
+            "configs/small.toml."
+        )
     data = apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)
