@@ -175,3 +175,17 @@ def test_a_file_with_a_head_bias_loads_with_the_same_weights(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_net(tmp_path / "bad.safetensors", "sha", ["a", "b"])
+
+
+def test_max_weight_bounds_the_weights_and_keeps_mean_and_order():
+    scores = torch.tensor([6.0, 0.0, -1.0, 0.5, 3.0, 3.0, 3.0, -2.0])
+    free = batch_weights(scores, 1.0, group=4)
+    capped = batch_weights(scores, 1.0, group=4, max_weight=2.0)
+    assert float(free[:4].max()) > 3.9  # nearly the whole first group on one sample
+    assert float(capped.max()) == pytest.approx(2.0)
+    assert torch.allclose(capped.reshape(2, 4).mean(dim=1), torch.ones(2))
+    assert torch.equal(torch.argsort(capped[:4]), torch.argsort(free[:4]))
+    # A group already under the bound is left exactly as it was.
+    assert torch.equal(capped[4:], free[4:])
+    with pytest.raises(ConfigError, match="max_weight"):
+        WeightingConfig(name="dwm", max_weight=0.5)

@@ -21,6 +21,10 @@ class WeightingConfig:
     the LM keeps training during them). The weighting model is frozen for the rest of the stage."""
     tau: float = 1.0
     """Softmax temperature of the weights (higher = flatter)."""
+    max_weight: float = 0.0
+    """Bound every weight by this multiple of the batch mean (> 1; the batch is mixed with uniform
+    just enough), so a fast-learning weighting model cannot put the whole batch on a few samples
+    (measured: weighting.lr = 0.03 did, +0.74 nats test loss); 0 = no bound."""
     lr: float = 3e-3
     """Learning rate of the weighting model (Adam)."""
     lookahead_lr: float = 0.0
@@ -68,6 +72,8 @@ class WeightingConfig:
             raise ConfigError("weighting.stages must be >= 1 and weighting.updates_per_stage >= 0.")
         if self.tau <= 0 or self.lr <= 0 or self.lookahead_lr < 0:
             raise ConfigError("weighting.tau and weighting.lr must be > 0, lookahead_lr >= 0.")
+        if self.max_weight != 0 and self.max_weight <= 1:
+            raise ConfigError(f"weighting.max_weight must be 0 (no bound) or > 1, got {self.max_weight}.")
         if self.val_batch < 0 or self.snippets < 0:
             raise ConfigError("weighting.val_batch and weighting.snippets must be >= 0.")
         if self.frozen and not self.load:

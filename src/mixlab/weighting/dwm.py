@@ -215,7 +215,8 @@ class DataWeighter:
         """[b] weights (mean 1, no graph) of one micro-batch: ``tokens`` [b, T+1], ``domains``
         [b], ``losses`` [b] the LM's per-sample losses (read only if the model uses them)."""
         with torch.no_grad():
-            return batch_weights(self.scores(tokens, domains, losses, step).float(), self.cfg.tau)
+            return batch_weights(self.scores(tokens, domains, losses, step).float(), self.cfg.tau,
+                                 max_weight=self.cfg.max_weight)
 
     def update(self, hyper: torch.Tensor, tokens: torch.Tensor, domains: torch.Tensor,
                losses: torch.Tensor, step: int, group: int,
@@ -230,7 +231,8 @@ class DataWeighter:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            w = batch_weights(self.scores(tokens, domains, losses, step, group).float(), self.cfg.tau, group)
+            w = batch_weights(self.scores(tokens, domains, losses, step, group).float(), self.cfg.tau, group,
+                              self.cfg.max_weight)
             (w * hyper.to(w.device)).sum().backward()
         if reduce_grads is not None:
             reduce_grads(self.net)

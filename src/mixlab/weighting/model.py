@@ -116,12 +116,24 @@ def standardise(x: torch.Tensor, group: int = 0) -> torch.Tensor:
     return ((z - z.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))).reshape(b)
 
 
-def batch_weights(scores: torch.Tensor, tau: float, group: int = 0) -> torch.Tensor:
+def batch_weights(scores: torch.Tensor, tau: float, group: int = 0, max_weight: float = 0.0) -> torch.Tensor:
     """[b] weights ``g · softmax(scores / tau)`` within consecutive groups of ``group`` samples
-    (0 = one group of all b); each group has mean weight 1. Differentiable."""
+    (0 = one group of all b); each group has mean weight 1. Differentiable.
+
+    ``max_weight`` > 1 bounds every weight: a group whose largest weight m exceeds it is mixed
+    with uniform, ``w ← (1 - λ) w + λ`` with ``λ = (m - max_weight) / (m - 1)``, which keeps the
+    mean at 1, the order of the weights, and makes the largest exactly ``max_weight``.
+    """
     b = scores.shape[0]
     g = group or b
     if b % g:
         raise ValueError(f"batch of {b} samples does not split into groups of {g}.")
     z = (scores / tau).reshape(b // g, g)
-    return (g * torch.softmax(z, dim=1)).reshape(b)
+    w = g * torch.softmax(z, dim=1)
+    if max_weight > 0:
+        if max_weight <= 1:
+            raise ValueError(f"max_weight must be > 1 (the mean weight), got {max_weight}.")
+        top = w.amax(dim=1, keepdim=True)
+        lam = torch.clamp((top - max_weight) / torch.clamp(top - 1, min=1e-12), min=0.0)
+        w = (1 - lam) * w + lam
+    return w.reshape(b)
