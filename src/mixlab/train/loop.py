@@ -351,12 +351,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
-        if self.weighting is not None:
-            self.weighting.record(self.state.step, batch, torch.cat(sample_weights))
         # Mixers see the whole global batch: losses and domains gathered in rank order.
         total = float(all_reduce_sum(np.array([total]), self.dist)[0])
         losses_all = all_gather_array(torch.cat(sample_losses).numpy(), self.dist)
         domains_all = all_gather_array(batch.domains.numpy(), self.dist)
+        if self.weighting is not None:
+            self.weighting.record(self.state.step, batch, domains_all, torch.cat(sample_weights))
         return total, losses_all, domains_all, batch.tokens
 
     def evaluate(self, split: str = "val") -> dict[str, Any]:

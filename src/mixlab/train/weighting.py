@@ -135,12 +135,12 @@ class RunWeighting:
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
-    def record(self, step: int, batch: Batch, weights: torch.Tensor) -> None:
-        """Add this step's weights (this rank's [b]) to the analysis."""
+    def record(self, step: int, batch: Batch, domains_all: np.ndarray, weights: torch.Tensor) -> None:
+        """Add this step's weights (this rank's [b]) to the analysis; ``domains_all`` [B] are
+        the global batch's domains, already gathered by the loop."""
         local = weights.detach().double().cpu().numpy()
         all_w = all_gather_array(local, self.trainer.dist)
-        all_d = all_gather_array(batch.domains.numpy(), self.trainer.dist)
-        self.weighter.record(step, all_w, all_d, batch.tokens, local, batch.domains.numpy())
+        self.weighter.record(step, all_w, domains_all, batch.tokens, local, batch.domains.numpy())
 
     # ---------------------------------------------------------------- state and files
 

@@ -175,12 +175,9 @@ class DataWeighter:
         return s * self.total_steps // self.cfg.stages
 
     def stage(self, step: int) -> int:
-        s = min(self.cfg.stages - 1, step * self.cfg.stages // self.total_steps)
-        while s + 1 < self.cfg.stages and self.stage_start(s + 1) <= step:
-            s += 1
-        while s > 0 and self.stage_start(s) > step:
-            s -= 1
-        return s
+        """The last stage s with ``stage_start(s) <= step``: floor(s·T/S) <= step holds exactly
+        when s < (step + 1)·S/T."""
+        return min(self.cfg.stages - 1, ((step + 1) * self.cfg.stages - 1) // self.total_steps)
 
     def trains_at(self, step: int) -> bool:
         """True at the first ``updates_per_stage`` steps of each stage (never when frozen)."""
