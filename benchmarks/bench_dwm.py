@@ -187,71 +187,6 @@ def write_val_target(src_dir: Path, out: Path) -> Path:
     return out
 
 
-def write_dsir_per_domain(src_dir: Path, out: Path, fraction: float, seed: int = 0,
-                          chunk_tokens: int = 1024) -> Path:
-    """DSIR within each domain: ``fraction`` of each domain's train pieces, against that
-    domain's clean validation documents (what ``mixlab select --target domain:NAME`` does on a
-    pool of that one domain), with ``mixlab.offline.dsir.dsir_select`` and the pieces cut as
-    ``mixlab select`` cuts them. Same layout as a ``mixlab select`` output (``dsir/selected.npy``
-    [k, 4]: domain, document, start, end); val/test copied."""
-    from mixlab.data.cluster import build_units
-    from mixlab.data.format import (
-        MANIFEST,
-        TOKENIZER,
-        DataDir,
-        DomainInfo,
-        Manifest,
-        ShardWriter,
-        atomic_dir,
-        open_if_current,
-        write_json_atomic,
-    )
-    from mixlab.offline.dsir import dsir_select
-
-    src = DataDir.open(src_dir)
-    digest = hashlib.sha256(json.dumps(["dsir-per-domain", 1, src.manifest.inputs_hash, fraction, seed,
-                                        chunk_tokens]).encode()).hexdigest()
-    if open_if_current(out, digest) is not None:
-        return out
-    dtype = np.dtype(src.manifest.dtype)
-    infos, table = [], []
-    with atomic_dir(out) as root:
-        shutil.copy(src.root / TOKENIZER, root / TOKENIZER)
-        for d, name in enumerate(src.domains):
-            train, val = src.split(name, "train"), src.split(name, "val")
-            docs = [train.document(j) for j in range(train.n_docs)]
-            u = build_units([np.array([len(x) for x in docs])], chunk_tokens)
-            pool = [docs[j][s: min(e, n - 1)] for j, s, e, n in
-                    zip(u.doc.tolist(), u.start.tolist(), u.end.tolist(), u.doc_len.tolist())]
-            target = [val.document(j)[:-1] for j in range(val.n_docs)]
-            chosen = np.sort(dsir_select(pool, target, fraction, seed)[0])
-            splits = {}
-            w = ShardWriter(root, name, "train", dtype)
-            for i in chosen.tolist():
-                j, s, e, n = int(u.doc[i]), int(u.start[i]), int(u.end[i]), int(u.doc_len[i])
-                w.add(docs[j][s:e] if e >= n else np.append(docs[j][s:e], src.manifest.eos_id))
-                table.append((d, j, s, e))
-            splits["train"] = w.close()
-            for s_ in ("val", "test"):
-                sp = src.split(name, s_)
-                w = ShardWriter(root, name, s_, dtype)
-                for j in range(sp.n_docs):
-                    w.add(sp.document(j))
-                splits[s_] = w.close()
-            infos.append(DomainInfo(name=name, splits=splits, source=f"per-domain DSIR selection of {src_dir}"))
-        (root / "dsir").mkdir()
-        np.save(root / "dsir" / "selected.npy", np.array(table, dtype=np.int64).reshape(-1, 4))
-        m = src.manifest
-        manifest = Manifest(
-            domains=infos, vocab_size=m.vocab_size, eos_id=m.eos_id, dtype=m.dtype,
-            tokenizer_sha256=m.tokenizer_sha256, created_by="benchmarks/bench_dwm.py",
-            command=f"bench_dwm.write_dsir_per_domain({str(src_dir)!r}, fraction={fraction}, seed={seed})",
-            source=m.source, inputs_hash=digest, seed=seed,
-        )
-        write_json_atomic(root / MANIFEST, manifest.to_json())
-    return out
-
-
 def selection_stats(corrupt_dir: Path, sel_dir: Path, chunk_tokens: int) -> dict[str, Any]:
     """Clean / shuffled / swapped train pieces and tokens of the pool (the corrupted copy, cut
     into pieces as ``mixlab select`` cuts it) and of its DSIR selection (``dsir/selected.npy``),
@@ -752,21 +687,17 @@ def main() -> int:
                     ("per_domain", Path(args.out_dir) / f"{stem}-per-domain",
                      [m for m in args.per_domain_methods.split(",") if m], "e_per_domain",
                      "within each domain, against that domain's clean validation documents "
-                     "(`mixlab.offline.dsir.dsir_select` per domain, as `--target domain:NAME` on a pool of "
-                     "that domain alone)")]
+                     f"(`mixlab select --data {corrupt_dir} --target {corrupt_dir} --per-domain`)")]
         for tag, sel_dir, methods, sub, how in variants:
             if not methods:
                 continue
             t0 = time.perf_counter()
-            if tag == "pooled":
-                scfg = SelectConfig(data=str(corrupt_dir), target=str(target_dir), fraction=args.select_fraction,
-                                    out=str(sel_dir))
-                msgs: list[str] = []
-                select(scfg, log=lambda m, msgs=msgs: (msgs.append(m), say(m)))
-                reused = any("up to date" in m for m in msgs)
-            else:
-                reused = (sel_dir / "dsir" / "selected.npy").is_file()
-                write_dsir_per_domain(corrupt_dir, sel_dir, args.select_fraction)
+            # Per domain: the pool as its own target means each domain's own val documents.
+            scfg = SelectConfig(data=str(corrupt_dir), target=str(target_dir if tag == "pooled" else corrupt_dir),
+                                fraction=args.select_fraction, out=str(sel_dir), per_domain=tag == "per_domain")
+            msgs: list[str] = []
+            select(scfg, log=lambda m, msgs=msgs: (msgs.append(m), say(m)))
+            reused = any("up to date" in m for m in msgs)
             sel_s = time.perf_counter() - t0
             if reused:  # keep the time of the build
                 sel_s = prev.get(tag, {}).get("selection", {}).get("select_s", sel_s)
