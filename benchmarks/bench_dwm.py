@@ -44,6 +44,18 @@ from typing import Any
 
 import numpy as np
 
+from mixlab.data.format import (
+    MANIFEST,
+    TOKENIZER,
+    DataDir,
+    DomainInfo,
+    Manifest,
+    ShardWriter,
+    atomic_dir,
+    open_if_current,
+    write_json_atomic,
+)
+
 
 def _reexec_with_malloc_env() -> None:
     """Run under the glibc settings the ``mixlab`` command uses (see ``mixlab.cli.MALLOC_ENV``)."""
@@ -70,17 +82,6 @@ def write_corrupted(src_dir: Path, out: Path, fraction: float, seed: int = 0) ->
     random train document of another domain, cut or repeated to the same length). Val and test
     splits are copied unchanged. The manifest's ``extra.corrupted`` lists what was done.
     """
-    from mixlab.data.format import (
-        MANIFEST,
-        TOKENIZER,
-        DataDir,
-        DomainInfo,
-        Manifest,
-        ShardWriter,
-        atomic_dir,
-        open_if_current,
-        write_json_atomic,
-    )
 
     src = DataDir.open(src_dir)
     digest = hashlib.sha256(
@@ -147,17 +148,6 @@ def write_val_target(src_dir: Path, out: Path) -> Path:
     """A data dir (same tokenizer) whose *train* split is the clean validation documents of
     every domain of ``src_dir``: the DSIR target of part (e) (``mixlab select`` reads a target
     data dir's train documents). Val/test are the same clean val/test documents."""
-    from mixlab.data.format import (
-        MANIFEST,
-        TOKENIZER,
-        DataDir,
-        DomainInfo,
-        Manifest,
-        ShardWriter,
-        atomic_dir,
-        open_if_current,
-        write_json_atomic,
-    )
 
     src = DataDir.open(src_dir)
     digest = hashlib.sha256(json.dumps(["val-target", 1, src.manifest.inputs_hash]).encode()).hexdigest()
@@ -192,7 +182,6 @@ def selection_stats(corrupt_dir: Path, sel_dir: Path, chunk_tokens: int) -> dict
     into pieces as ``mixlab select`` cuts it) and of its DSIR selection (``dsir/selected.npy``),
     by the corrupted copy's record of which documents it corrupted."""
     from mixlab.data.cluster import build_units
-    from mixlab.data.format import DataDir
 
     data = DataDir.open(corrupt_dir)
     rec = data.manifest.extra["corrupted"]["domains"]
@@ -228,7 +217,6 @@ def selection_stats(corrupt_dir: Path, sel_dir: Path, chunk_tokens: int) -> dict
 def window_labels(data_dir: Path, domain: str, length: int) -> np.ndarray:
     """Label of each train window of ``domain`` in a corrupted copy: 0 clean, 1 shuffled,
     2 swapped, -1 straddles a corrupted document's boundary."""
-    from mixlab.data.format import DataDir
 
     data = DataDir.open(data_dir)
     rec = data.manifest.extra["corrupted"]["domains"][domain]
@@ -330,7 +318,6 @@ def score(run_dir: Path, data_dir: Path, tokens: np.ndarray, group: int = 16) ->
     when the model reads it, is that of the run's final LM, standardised within the groups."""
     import torch
 
-    from mixlab.data.format import DataDir
     from mixlab.errors import CheckpointError
     from mixlab.model import per_sample_loss
     from mixlab.train.loop import load_run_model
@@ -376,7 +363,6 @@ def _load_net_without_head_bias(path: Path) -> Any:
 def analyse(run_dir: Path, data_dir: Path, seq: int, n_per_domain: int, seed: int) -> dict[str, float]:
     """AUC of clean over shuffled held-out (test) windows, and mean weight of labelled train
     windows (clean / shuffled / swapped) in random batches of 16 of all five domains."""
-    from mixlab.data.format import DataDir
 
     data = DataDir.open(data_dir)
     rng = np.random.default_rng([seed, 5])
@@ -507,7 +493,6 @@ def main() -> int:
     _reexec_with_malloc_env()
 
     from mixlab.commands.demo import cache_dir
-    from mixlab.data.format import DataDir
     from mixlab.data.prepare import PrepareConfig, prepare
 
     t_start = time.perf_counter()
