@@ -12,9 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from mixlab import __version__
-from mixlab.errors import MixlabError
+from mixlab.errors import MixlabError, Stopped
 
-COMMANDS = ["prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi", "sweep", "select"]
+COMMANDS = [
+    "prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi", "sweep", "select",
+    "verify",
+]
 
 
 def _available() -> list[tuple[str, object]]:
@@ -65,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except Stopped as exc:  # a signal asked the run to stop; it wrote a checkpoint first
+        print(f"mixlab {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MixlabError as exc:
         print(f"mixlab {args.command}: error: {exc}", file=sys.stderr)
         return 2

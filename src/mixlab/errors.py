@@ -17,3 +17,13 @@ class DataError(MixlabError):
 
 class CheckpointError(MixlabError):
     """A checkpoint is missing, corrupt, or belongs to another config, data dir or version."""
+
+
+class Stopped(MixlabError):
+    """A run stopped by a signal (SIGTERM, SIGINT, SIGUSR1, SIGHUP) after writing a checkpoint.
+    The CLI exits with ``exit_code`` (128 + the signal's number, as a shell reports it)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

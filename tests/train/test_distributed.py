@@ -15,7 +15,7 @@ from mixlab.errors import CheckpointError
 from mixlab.train.distributed import DistInfo
 from mixlab.train.loop import TIMING_KEYS, Trainer, train
 
-from .conftest import tiny_overrides
+from .conftest import metrics_lines, tiny_overrides
 
 AIOLI = ["mixer.name='aioli'", "mixer.options.round_steps=12", "mixer.options.lp_rounds=1",
          "mixer.options.lp_steps=1", "mixer.options.eta=1.0"]
@@ -75,21 +75,30 @@ def _strip(summary):
 
 @pytest.mark.slow
 def test_two_ranks_agree_and_match_one_process(tiny_data, tmp_path):
+    """Two ranks equal one process exactly, not within a tolerance.
+
+    The one-process run accumulates two micro-batches of 4 (train.grad_accum = 2), the very
+    slices the two ranks draw from the same global batch of 8. Then every float operation is
+    the same or provably equal: each micro-batch is the same forward and backward; with two
+    ranks the all-reduce computes g0 + g1 and DDP's 1/world_size is a power of two (exact),
+    while one process accumulates g0/2 + g1/2 into ``.grad`` (addition is commutative, scaling
+    by 2 exact); evaluation scores the same chunks and sums per-window losses in window order
+    (``evaluate.mean_losses``). Gradient clipping sums squares over parameters in one order in
+    both. A machine-dependent tolerance (the old 1e-6 failed on AVX2 EPYC) is not needed."""
     extra = [*AIOLI, "checkpoint.every=10"]
     results = _run(2, tiny_data, tmp_path / "ddp", extra)
     (_, s0, mix0, samp0), (_, s1, mix1, samp1) = results
     assert mix0 == mix1 and samp0 == samp1
     assert s0["weights_final"] == s1["weights_final"]
-    one = train(__import__("mixlab.train.config", fromlist=["x"]).load_config(
-        None, tiny_overrides(tiny_data, extra)), tmp_path / "one")
-    for d in one["domains"]:
-        assert s0["weights_final"][d] == pytest.approx(one["weights_final"][d], abs=1e-6)
-        assert s0["test"]["loss"][d] == pytest.approx(one["test"]["loss"][d], rel=1e-4)
+    from mixlab.train.config import load_config
+
+    one = train(load_config(None, tiny_overrides(tiny_data, [*extra, "train.grad_accum=2"])),
+                tmp_path / "one")
+    assert _strip(s0) == _strip(one)
     # The mixture really moved, so agreement is not trivial.
     assert max(abs(v - 1 / 3) for v in one["weights_final"].values()) > 1e-3
-    # Only rank 0 wrote the run dir (one metrics file, one line per log/eval step).
-    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
+    # Only rank 0 wrote the run dir, and it logged what one process logs (losses included).
+    assert metrics_lines(tmp_path / "ddp") == metrics_lines(tmp_path / "one")
 
     # Kill both ranks after 14 steps, then resume with two processes: same result.
     _run(2, tiny_data, tmp_path / "resume", extra, die_after=14)
@@ -98,8 +107,6 @@ def test_two_ranks_agree_and_match_one_process(tiny_data, tmp_path):
     assert _strip(r0) == _strip(s0)
 
     # The same checkpoint with one process is refused, naming the process counts.
-    from mixlab.train.config import load_config
-
     with pytest.raises(CheckpointError, match="world size 2, this run has 1"):
         train(load_config(None, tiny_overrides(tiny_data, extra)), tmp_path / "resume_one", resume=True)
     np.testing.assert_allclose(sum(s0["weights_final"].values()), 1.0)

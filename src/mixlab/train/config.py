@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,12 +52,25 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}.")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("optim.warmup_steps, grad_clip and weight_decay must be >= 0.")
+        # Every range is checked here, NaN included (NaN fails every comparison, so a plain
+        # `x <= 0` lets it through), rather than left to torch.optim.AdamW's ValueError.
+        def need(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"optim.{name} must be {allowed}, got {getattr(self, name)}.")
+
+        need("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0")
+        need("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        need("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        need("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "a finite number >= 0")
+        # AdamW's moment decays: beta = 1 never forgets and divides by zero in the bias
+        # correction 1 - beta^t, so the range is [0, 1) as in torch.optim.AdamW.
+        need("beta1", 0 <= self.beta1 < 1, "in [0, 1) (e.g. 0.9)")
+        need("beta2", 0 <= self.beta2 < 1, "in [0, 1) (e.g. 0.95)")
+        # eps = 0 makes 0 / (sqrt(0) + 0) = NaN for a parameter whose gradient stays zero.
+        need("eps", math.isfinite(self.eps) and self.eps > 0, "a finite number > 0 (e.g. 1e-8)")
+        need("grad_clip", math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+             "a finite number >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -174,13 +188,20 @@ class MixerConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Write a checkpoint every this many steps (0 = only at the end and when stopped early)."""
+    """Write a checkpoint every this many steps (0 = no step-based checkpoints)."""
+    minutes: float = 10.0
+    """Also write one when this many minutes of wall time have passed since the last (0 = off),
+    so a run killed without warning (SIGKILL, a crash) loses at most about this much."""
     keep: int = 2
     """Keep the last this many checkpoints."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
             raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1.")
+        if not (self.minutes >= 0 and self.minutes != float("inf")):
+            raise ConfigError(
+                f"checkpoint.minutes = {self.minutes} must be a number >= 0 (0 = off)."
+            )
 
 
 @dataclass
@@ -232,4 +253,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             "configs/small.toml."
         )
     data = apply_overrides(data, overrides or [])
-    return from_dict(TrainConfig, data)
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as exc:
+        if not path:
+            raise
+        # Name the file the bad value is in (or may be in, when --set overrides were given).
+        where = f"config '{path}'" + (" with --set overrides" if overrides else "")
+        raise ConfigError(f"{where}: {exc}") from None

@@ -81,6 +81,15 @@ def all_reduce_sum(x: np.ndarray, info: DistInfo) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def all_reduce_max(x: np.ndarray, info: DistInfo) -> np.ndarray:
+    """Elementwise maximum of a float64 array over ranks."""
+    if not info.enabled:
+        return np.asarray(x, dtype=np.float64)
+    t = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(info.device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().numpy()
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when ``flag`` is True on at least one."""
     if not info.enabled:

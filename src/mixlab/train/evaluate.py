@@ -47,32 +47,51 @@ def mean_losses(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     dist_info: DistInfo | None = None,
+    same_forwards: bool = False,
 ) -> dict[str, float]:
     """Mean next-token loss (nats/token) of ``model`` on each named set of windows.
 
     All windows of a set have the same length, so the mean of per-window means is the token
-    mean. Under ``torchrun`` each rank scores every world_size-th window and the sums are
-    all-reduced, so every rank returns the same numbers.
+    mean. The windows are cut into chunks of ``batch_size``; under ``torchrun`` rank r scores
+    chunks r, r + world_size, ... Each window's loss goes into its own slot of a vector that is
+    zero elsewhere, the vectors are all-reduced (x + 0 = x exactly) and summed in window order.
+    So every chunk is the same forward (same shape, same content) in any number of processes,
+    and the result is bit-identical to one process's, not merely close.
+
+    ``same_forwards``: every rank runs the same number of forwards (a sharded model's forward is
+    a collective); a rank with no chunk left re-scores its last one and discards it.
     """
     info = dist_info or DistInfo()
+    names = list(windows)
+    sizes = [int(windows[k].shape[0]) for k in names]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    # (set index, first window) of every chunk, in a fixed order that does not depend on ranks.
+    chunks = [(i, s) for i, n in enumerate(sizes) for s in range(0, n, batch_size)]
+    mine = chunks[info.rank :: info.world_size]
+    if same_forwards and chunks:
+        rounds = -(-len(chunks) // info.world_size)
+        mine = mine + [None] * (rounds - len(mine))  # type: ignore[list-item]
+    per_window = np.zeros(int(offsets[-1]))
     was_training = model.training
     model.eval()
-    names = list(windows)
-    sums = np.zeros(len(names))
-    counts = np.zeros(len(names))
+    last = None
     try:
-        for i, name in enumerate(names):
-            w = windows[name][info.rank :: info.world_size]
-            for start in range(0, w.shape[0], batch_size):
-                chunk = w[start : start + batch_size].to(device, non_blocking=True)
-                with autocast():
-                    sums[i] += float(per_sample_loss(model, chunk).double().sum())
-            counts[i] = w.shape[0]
+        for job in mine:
+            real = job is not None
+            i, start = job if real else (last or chunks[0])
+            chunk = windows[names[i]][start : start + batch_size].to(device, non_blocking=True)
+            with autocast():
+                values = per_sample_loss(model, chunk).double().cpu().numpy()
+            if real:
+                per_window[offsets[i] + start : offsets[i] + start + len(values)] = values
+                last = job
     finally:
         model.train(was_training)
-    sums = all_reduce_sum(sums, info)
-    counts = all_reduce_sum(counts, info)
-    return {name: float(sums[i] / max(1.0, counts[i])) for i, name in enumerate(names)}
+    per_window = all_reduce_sum(per_window, info)
+    return {
+        name: float(per_window[offsets[i] : offsets[i + 1]].sum() / max(1, sizes[i]))
+        for i, name in enumerate(names)
+    }
 
 
 def loss_report(losses: dict[str, float], domains: list[str], target: float | None) -> dict:

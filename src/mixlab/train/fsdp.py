@@ -134,21 +134,10 @@ def mean_losses(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     dist_info: DistInfo | None = None,
 ) -> dict[str, float]:
-    """``evaluate.mean_losses`` for a sharded model: the same numbers (up to float rounding),
-    with every rank running the same number of forwards, each of which is a collective. The
-    first world_size * floor(n / world_size) windows of each set are split evenly over the
-    ranks; every rank scores all of the remaining (< world_size) windows itself."""
-    info = dist_info or DistInfo()
-    cut = {k: w.shape[0] - w.shape[0] % info.world_size for k, w in windows.items()}
-    even = {k: w[: cut[k]] for k, w in windows.items() if cut[k]}
-    rest = {k: w[cut[k] :] for k, w in windows.items() if cut[k] < w.shape[0]}
-    split = evaluate.mean_losses(model, even, batch_size, device, autocast, info) if even else {}
-    # Every rank scores all remainder windows, so each rank's own mean is the global one.
-    alone = evaluate.mean_losses(model, rest, batch_size, device, autocast, DistInfo()) if rest else {}
-    return {
-        k: (split.get(k, 0.0) * cut[k] + alone.get(k, 0.0) * (w.shape[0] - cut[k])) / max(1, w.shape[0])
-        for k, w in windows.items()
-    }
+    """``evaluate.mean_losses`` for a sharded model: the same numbers, with every rank running
+    the same number of forwards, each of which is a collective."""
+    return evaluate.mean_losses(model, windows, batch_size, device, autocast, dist_info,
+                                same_forwards=True)
 
 
 # ------------------------------------------------------------------------------- checkpoints

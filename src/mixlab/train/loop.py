@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from mixlab import __version__
 from mixlab.config import to_dict
 from mixlab.data.format import DataDir, write_json_atomic
 from mixlab.data.sampler import MixtureSampler
-from mixlab.errors import CheckpointError, ConfigError, MixlabError
+from mixlab.errors import CheckpointError, ConfigError, MixlabError, Stopped
 from mixlab.mixers.base import (
     MixerContext,
     Plan,
@@ -53,6 +54,7 @@ from mixlab.train.config import TrainConfig, load_config
 from mixlab.train.distributed import (
     DistInfo,
     all_gather_array,
+    all_reduce_max,
     all_reduce_sum,
     any_rank,
     average_gradients,
@@ -62,6 +64,7 @@ from mixlab.train.distributed import (
     init_from_env,
 )
 from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
+from mixlab.train.preempt import StopRequests
 from mixlab.train.schedule import lr_at
 from mixlab.train.signals import StepSignals
 from mixlab.train.target import TargetSet, load_target
@@ -352,7 +355,9 @@ class Trainer:
                 return None
         self.optimizer.step()
         # Mixers see the whole global batch: losses and domains gathered in rank order.
-        total = float(all_reduce_sum(np.array([total]), self.dist)[0])
+        # Each rank's loss is its local mean (DDP/FSDP average the gradients): their mean is the
+        # global batch's mean loss.
+        total = float(all_reduce_sum(np.array([total]), self.dist)[0]) / self.world
         losses_all = all_gather_array(torch.cat(sample_losses).numpy(), self.dist)
         domains_all = all_gather_array(batch.domains.numpy(), self.dist)
         if self.weighting is not None:
@@ -469,6 +474,60 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink()  # a killed run with no checkpoint starts over
         return resumed
 
+    def _one_step(self, metrics: _MetricsWriter, bar: Any, t0: float, log: Callable[[str], None]) -> None:
+        """Plan, train, observe, log and evaluate one step (checkpoints are the caller's)."""
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
+        step = self.state.step
+        plan = self._resolve_plan(self.mixer.plan(step))
+        if t.check_ranks:
+            check_same_on_all_ranks(plan.weights, "mixture weights", step, self.dist)
+        result = self.train_step(plan)
+        self.state.step += 1
+        self.state.tokens += tokens_per_step
+        self.state.weights_sum = [a + float(b) for a, b in zip(self.state.weights_sum, plan.weights)]
+        if result is None:
+            self.state.nonfinite_total += 1
+            self.state.nonfinite_streak += 1
+            log(f"step {step + 1}: non-finite loss, update skipped")
+            if self.state.nonfinite_streak >= t.max_nonfinite:
+                self.state.elapsed_s = time.perf_counter() - t0
+                ckpt = self.checkpoint()
+                raise MixlabError(
+                    f"{self.state.nonfinite_streak} consecutive steps had a NaN/inf loss "
+                    f"(at step {step + 1}); stopped with a checkpoint at {ckpt}. Lower "
+                    "optim.lr or check the data, then resume with --resume."
+                )
+        else:
+            self.state.nonfinite_streak = 0
+            loss, sample_losses, domains, tokens = result
+            self.window.add(loss, sample_losses, domains)
+            self.mixer.observe(step, StepSignals(step, self, sample_losses, domains, tokens))
+        done = self.state.step
+        elapsed = time.perf_counter() - t0
+        if done % t.log_every == 0 or done == t.steps:
+            rec = self.window.flush(self.domains)
+            rec.update(
+                kind="train", step=done, tokens=self.state.tokens,
+                lr=lr_at(step, **self._lr_args()),
+                weights=dict(zip(self.domains, map(float, plan.weights))),
+                phase=plan.phase, nonfinite=self.state.nonfinite_total,
+                tokens_per_s=self.state.tokens / max(elapsed, 1e-9), elapsed_s=elapsed,
+            )
+            if plan.loss_weights is not None:
+                rec["loss_weights"] = dict(zip(self.domains, map(float, plan.loss_weights)))
+            if mixer_report := self.mixer.report():
+                rec["mixer"] = mixer_report
+            if self.weighting is not None:
+                rec["weighting"] = self.weighting.weighter.report(done)
+            metrics.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
+                            tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        if (self.cfg.eval.every and done % self.cfg.eval.every == 0) or done == t.steps:
+            ev = self.evaluate("val")
+            metrics.write({"kind": "eval", "step": done, "tokens": self.state.tokens, "split": "val", **ev})
+        bar.update(1)
+
     def run(self, resume: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Train to the end (or resume) and return the summary; writes the run dir."""
         log = log or (lambda _msg: None)
@@ -490,67 +549,32 @@ class Trainer:
         metrics = _MetricsWriter(self.out / "metrics.jsonl", self.is_main, self.cfg.log.tensorboard)
         bar = _progress(t.steps, self.state.step, t.progress and self.is_main)
         t0 = time.perf_counter() - self.state.elapsed_s
+        last_ckpt = time.perf_counter()
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
-        try:
+        with StopRequests("mixlab train") as stops:
             while self.state.step < t.steps:
-                step = self.state.step
-                plan = self._resolve_plan(self.mixer.plan(step))
-                if t.check_ranks:
-                    check_same_on_all_ranks(plan.weights, "mixture weights", step, self.dist)
-                result = self.train_step(plan)
-                self.state.step += 1
-                self.state.tokens += tokens_per_step
-                self.state.weights_sum = [a + float(b) for a, b in zip(self.state.weights_sum, plan.weights)]
-                if result is None:
-                    self.state.nonfinite_total += 1
-                    self.state.nonfinite_streak += 1
-                    log(f"step {step + 1}: non-finite loss, update skipped")
-                    if self.state.nonfinite_streak >= t.max_nonfinite:
-                        self.state.elapsed_s = time.perf_counter() - t0
-                        ckpt = self.checkpoint()
-                        raise MixlabError(
-                            f"{self.state.nonfinite_streak} consecutive steps had a NaN/inf loss "
-                            f"(at step {step + 1}); stopped with a checkpoint at {ckpt}. Lower "
-                            "optim.lr or check the data, then resume with --resume."
-                        )
-                else:
-                    self.state.nonfinite_streak = 0
-                    loss, sample_losses, domains, tokens = result
-                    self.window.add(loss, sample_losses, domains)
-                    self.mixer.observe(step, StepSignals(step, self, sample_losses, domains, tokens))
-                done = self.state.step
-                elapsed = time.perf_counter() - t0
-                if done % t.log_every == 0 or done == t.steps:
-                    rec = self.window.flush(self.domains)
-                    rec.update(
-                        kind="train", step=done, tokens=self.state.tokens,
-                        lr=lr_at(step, **self._lr_args()),
-                        weights=dict(zip(self.domains, map(float, plan.weights))),
-                        phase=plan.phase, nonfinite=self.state.nonfinite_total,
-                        tokens_per_s=self.state.tokens / max(elapsed, 1e-9), elapsed_s=elapsed,
-                    )
-                    if plan.loss_weights is not None:
-                        rec["loss_weights"] = dict(zip(self.domains, map(float, plan.loss_weights)))
-                    if mixer_report := self.mixer.report():
-                        rec["mixer"] = mixer_report
-                    if self.weighting is not None:
-                        rec["weighting"] = self.weighting.weighter.report(done)
-                    metrics.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
-                                    tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-                if (self.cfg.eval.every and done % self.cfg.eval.every == 0) or done == t.steps:
-                    ev = self.evaluate("val")
-                    metrics.write({"kind": "eval", "step": done, "tokens": self.state.tokens, "split": "val", **ev})
-                bar.update(1)
-                every = self.cfg.checkpoint.every
-                if every and done % every == 0 and done < t.steps:
-                    self.state.elapsed_s = time.perf_counter() - t0
-                    self.checkpoint()
-        except KeyboardInterrupt:
-            self.state.elapsed_s = time.perf_counter() - t0
-            ckpt = self.checkpoint()
-            bar.close()
-            raise MixlabError(f"stopped at step {self.state.step}; checkpoint {ckpt}; resume with --resume.") from None
+                self._one_step(metrics, bar, t0, log)
+                # Checkpoints and stops happen here, between steps, where the loop's state (model,
+                # optimizer, sampler, mixer, log window) is whole: resuming is bit-identical.
+                done, now = self.state.step, time.perf_counter()
+                every, minutes = self.cfg.checkpoint.every, self.cfg.checkpoint.minutes
+                due = bool(every and done % every == 0) or bool(minutes and now - last_ckpt >= 60 * minutes)
+                signum = stops.signum or 0
+                if self.dist.enabled:  # one rank's clock or signal decides for all
+                    due_all, signum = all_reduce_max(np.array([float(due), float(signum)]), self.dist)
+                    due, signum = bool(due_all), int(signum)
+                if done < t.steps and (due or signum):
+                    self.state.elapsed_s = now - t0
+                    ckpt = self.checkpoint()
+                    last_ckpt = time.perf_counter()
+                    if signum:
+                        bar.close()
+                        metrics.close()
+                        name = signal.Signals(signum).name
+                        raise Stopped(
+                            f"{name}: stopped after step {done} with a checkpoint at {ckpt}; "
+                            "continue with the same command and --resume.", signum)
+        del tokens_per_step
         bar.close()
         metrics.close()
         self.state.elapsed_s = time.perf_counter() - t0
@@ -683,9 +707,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
+    """The step bar, on a terminal only: in a log file its carriage returns are noise."""
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, leave=False)
+    on_tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(total=total, initial=initial, disable=not (enabled and on_tty), unit="step",
+                dynamic_ncols=True, leave=False)
 
 
 def load_run_model(run_dir: str | Path, data: DataDir | None = None) -> torch.nn.Module:
