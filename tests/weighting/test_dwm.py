@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -17,7 +18,15 @@ from mixlab.errors import CheckpointError, ConfigError
 from mixlab.model import per_sample_loss
 from mixlab.train.config import load_config
 from mixlab.train.loop import Trainer, load_run_model, train
-from mixlab.weighting import DataWeighter, WeightingConfig, batch_weights, load_net, save_net
+from mixlab.weighting import (
+    MODEL_FILE,
+    DataWeighter,
+    WeightingConfig,
+    batch_weights,
+    load_net,
+    save_net,
+)
+from mixlab.weighting.dwm import canonical_safetensors
 from mixlab.weighting.model import NetSpec, WeightingNet, standardise
 
 
@@ -158,6 +167,38 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
     assert meta_a == meta_b
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+    # Equal model and metadata, so equal files: a hash of the run's outputs identifies it.
+    assert (tmp_path / "cut" / MODEL_FILE).read_bytes() == (tmp_path / "full" / MODEL_FILE).read_bytes()
+
+
+def test_saved_bytes_do_not_depend_on_dict_order(tmp_path):
+    """safetensors writes its metadata in hash order, which changes from call to call (measured:
+    five saves of one model, five key orders); the saved bytes must not."""
+    net = WeightingNet(NetSpec(vocab_size=64, n_domains=2))
+    torch.nn.init.normal_(net.head.weight, generator=torch.Generator().manual_seed(0))
+    files = []
+    for i in range(5):
+        save_net(net, tmp_path / f"{i}.safetensors", "sha", ["a", "b"], 3)
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    meta = {"format": "1", "spec": "{}", "domains": "[]", "updates": "3", "tokenizer_sha256": "x"}
+    tensors = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    forward = canonical_safetensors(tensors, meta)
+    backward = canonical_safetensors(dict(reversed(list(tensors.items()))), dict(reversed(list(meta.items()))))
+    assert forward == backward
+    # Any safetensors reader reads it back: the same tensors and metadata.
+    (tmp_path / "c.safetensors").write_bytes(forward)
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as f:
+        assert f.metadata() == meta
+    back = load_file(str(tmp_path / "c.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert torch.equal(back[k], v), k
+    # Its header is canonical JSON, padded to 8 bytes as safetensors pads it.
+    (n,) = struct.unpack("<Q", forward[:8])
+    header = forward[8 : 8 + n]
+    assert n % 8 == 0
+    assert header.rstrip(b" ") == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
 
 
 def test_a_file_with_a_head_bias_loads_with_the_same_weights(tmp_path):

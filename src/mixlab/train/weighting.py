@@ -12,6 +12,12 @@ Under several ranks or gradient accumulation the weights are normalised within e
 micro-batch of each rank (mean 1 there): the unit a forward pass sees. Results then depend on
 the micro-batch partition, like any per-batch normalisation; one process without
 accumulation normalises over the whole batch.
+
+The lookahead reuses the LM's training gradient (``.grad``) when the LM has no dropout: then
+train and eval mode compute the same gradient. With dropout it is recomputed in eval mode
+(one more forward and backward over the batch per update), so that the lookahead and the
+alignments, which the engine measures in eval mode, use the same per-sample gradients: the
+hypergradient identity of ``mixlab.weighting.bilevel`` holds only then.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ import torch.distributed as dist
 
 from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import ConfigError
-from mixlab.signals.alignment import adam_denominator, trainable_parameters
+from mixlab.signals.alignment import Direction, loss_gradient, trainable_parameters
 from mixlab.train.distributed import all_gather_array, check_same_on_all_ranks
-from mixlab.weighting.bilevel import factorised_hypergradient, lookahead_val_gradient
+from mixlab.weighting.bilevel import (
+    adam_preconditioner,
+    factorised_hypergradient,
+    has_dropout,
+    lookahead_val_gradient,
+)
 from mixlab.weighting.dwm import DataWeighter
 
 if TYPE_CHECKING:
@@ -97,12 +108,11 @@ class RunWeighting:
         optimizer step (``.grad`` holds the gradient of Σ f_i w_i ℓ_i / B, reduced over ranks)."""
         tr = self.trainer
         model = tr.model
-        grads = {
-            n: (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
-            for n, p in trainable_parameters(model).items()
-        }
+        grads = self._lookahead_gradient(step, batch, losses, factors, micro)
         eta = self.cfg.lookahead_lr or lr
-        precond = adam_denominator(tr.optimizer, model) if self.cfg.precondition else None
+        # P = 1 / (sqrt(v̂) + ε): the lookahead is AdamW's step along the gradient (issue 13: the
+        # denominator itself was passed here once, which made the step θ - η (sqrt(v̂) + ε) g).
+        precond = adam_preconditioner(tr.optimizer, model) if self.cfg.precondition else None
         val_grad = lookahead_val_gradient(
             model, grads, eta, self.val_tokens(step), precond=precond, autocast=tr.autocast
         )
@@ -122,6 +132,44 @@ class RunWeighting:
         if tr.cfg.train.check_ranks and tr.dist.enabled:
             check_same_on_all_ranks(self._checksum(), "weighting model parameters", step, tr.dist)
         return updated
+
+    def _lookahead_gradient(self, step: int, batch: Batch, losses: torch.Tensor,
+                            factors: torch.Tensor | None, micro: int) -> Direction:
+        """The gradient of the weighted batch loss ``Σ_i f_i w_i ℓ_i / B`` the lookahead steps
+        along, in eval mode (float32 direction, the same on every rank).
+
+        Without dropout it is the LM's own ``.grad`` (already reduced over ranks). With dropout
+        that gradient came from train mode, through dropout masks the alignment engine cannot
+        draw again (its jvp runs another attention kernel, its finite difference two forwards,
+        its chunks other shapes), while the alignments and L_val(θ') are measured in eval mode;
+        mixing the two is the hypergradient of no lookahead at all. Eval mode on both sides is
+        exact for the deterministic lookahead, which is also the model L_val is measured on.
+        """
+        tr = self.trainer
+        model = tr.model
+        if not has_dropout(model):
+            return {
+                n: (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                for n, p in trainable_parameters(model).items()
+            }
+        b = batch.tokens.shape[0]
+        # The weights the LM's step used: micro_weights of each micro-batch again (a
+        # deterministic function of the same tokens, domains and losses).
+        w = torch.cat([
+            self.weighter.weights(batch.tokens[k : k + micro], batch.domains[k : k + micro],
+                                  losses[k : k + micro], step).float().cpu()
+            for k in range(0, b, micro)
+        ])
+        if factors is not None:
+            w = w * factors.cpu()
+        # Σ over this rank's samples of f_i w_i ∇ℓ_i / b, averaged over ranks = Σ_i f_i w_i ∇ℓ_i / B,
+        # as DDP averages the training gradient.
+        grads = loss_gradient(model, batch.tokens, w / b, autocast=tr.autocast)
+        if tr.dist.enabled:
+            for g in grads.values():
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+                g /= tr.world
+        return grads
 
     def _checksum(self) -> np.ndarray:
         """[2] sum and sum of squares of the weighting model's parameters (float64)."""

@@ -6,7 +6,9 @@ and ``mixer.name`` are independent config values).
 """
 
 from mixlab.weighting.bilevel import (
+    adam_preconditioner,
     factorised_hypergradient,
+    has_dropout,
     lookahead_val_gradient,
     unrolled_hypergradient,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "NetSpec",
     "WeightingConfig",
     "WeightingNet",
+    "adam_preconditioner",
     "batch_weights",
     "factorised_hypergradient",
+    "has_dropout",
     "load_net",
     "lookahead_val_gradient",
     "save_net",

@@ -1,8 +1,9 @@
 """The bi-level step of the data weighting model, factorised into per-sample alignments.
 
 The language model trains on ``L_train(θ, w) = Σ_i w_i ℓ_i(θ) / B`` over a batch of B samples.
-One lookahead step ``θ' = θ - η P ∇_θ L_train`` (P = identity, or Adam's denominator when
-preconditioned) and the validation loss after it, ``L_val(θ')``. Because θ' is linear in w,
+One lookahead step ``θ' = θ - η P ∇_θ L_train`` (P = identity, or ``1 / (sqrt(v̂) + ε)``, the
+reciprocal of AdamW's denominator, when preconditioned: see ``adam_preconditioner``) and the
+validation loss after it, ``L_val(θ')``. Because θ' is linear in w (P is held fixed in w),
 
     ∂L_val(θ') / ∂w_i = ⟨∇L_val(θ'), ∂θ'/∂w_i⟩ = -(η / B) ⟨∇ℓ_i(θ), P ∇L_val(θ')⟩
 
@@ -14,6 +15,12 @@ backward, math attention): the reference the tests compare against.
 
 The weighting model's parameters φ then get ``Σ_i (∂L_val/∂w_i) ∂w_i/∂φ``: an ordinary backward
 of ``Σ_i h_i w_i(φ)`` through the small network.
+
+Train and eval mode: the identity needs the ∇ℓ_i of the alignments to be the very per-sample
+gradients whose weighted sum made the lookahead. Every function here runs the LM in eval mode
+(no dropout), so the lookahead direction must be an eval-mode gradient too: with dropout the
+LM's own training gradient (train mode, dropout masks the engine cannot redraw) is not one,
+and the caller recomputes it (``has_dropout``; ``mixlab.train.weighting``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from mixlab.signals.alignment import (
     Direction,
     LossFn,
     _eval_mode,
+    adam_denominator,
     check_direction,
     loss_gradient,
     per_sample_alignments,
@@ -37,10 +45,59 @@ from mixlab.signals.alignment import (
     unwrap,
 )
 
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout)
+# Float attributes through which attention kernels take their dropout probability: mixlab's
+# GPT (CausalSelfAttention.dropout), HF Llama-style attention (attention_dropout), others.
+_DROPOUT_ATTRS = ("dropout", "attention_dropout", "attn_dropout", "dropout_p", "attn_pdrop")
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """True when the model's train-mode forward drops anything: a dropout module with p > 0, or
+    a float dropout probability > 0 held by a module for its attention kernel."""
+    for m in unwrap(model).modules():
+        if isinstance(m, _DROPOUT_MODULES) and m.p > 0:
+            return True
+        for name in _DROPOUT_ATTRS:
+            v = getattr(m, name, None)
+            if isinstance(v, float) and v > 0:
+                return True
+    return False
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module) -> Direction | None:
+    """P = ``1 / (sqrt(v̂) + ε)`` per trainable parameter, so that ``-lr · P g`` is the step
+    ``-lr · g / (sqrt(v̂) + ε)`` AdamW takes along g (torch.optim.AdamW, ``_single_tensor_adamw``:
+    ``denom = exp_avg_sq.sqrt() / sqrt(1 - β2^t) + eps``; the bias correction of v is the one
+    ``adam_denominator`` applies, with t and v of the optimizer's last step: held fixed in w).
+    Momentum and weight decay are left out: the first adds a w-independent shift and scales
+    ∂θ'/∂w by (1 - β1) / (1 - β1^(t+1)), the second is w-independent.
+
+    None before the optimizer's first step (no state: the lookahead is a plain SGD step, as
+    ``mixlab.signals.alignment.precondition`` does). A parameter without state while others
+    have one (Adam never stepped it, e.g. it had no gradient so far) gets P = 1, its SGD
+    direction: finite (``adam_denominator`` gives it ``inf``), and bounded. Not Adam's
+    first-step form ``1 / (|g| + ε)``: Adam's first step is ``lr · g / (|g| + ε)`` ≈ lr · sign(g)
+    as a function of the new gradient, nearly independent of w, so holding that denominator
+    fixed in w models the step no better, and its entries reach 1/ε where the batch gradient
+    cancels, letting coordinates without signal dominate the alignments.
+    """
+    denom = adam_denominator(optimizer, model)
+    if denom is None:
+        return None
+    out: Direction = {}
+    for n, p in trainable_parameters(model).items():
+        if "exp_avg_sq" in optimizer.state.get(p, {}):
+            out[n] = 1.0 / denom[n]
+        else:
+            out[n] = torch.ones_like(p, dtype=torch.float32)
+    return out
+
 
 def lookahead_step(grad: Mapping[str, torch.Tensor], lr: float,
                    precond: Mapping[str, torch.Tensor] | None = None) -> Direction:
-    """The parameter change ``-lr · P g`` of one SGD (or preconditioned) lookahead step."""
+    """The parameter change ``-lr · P g`` of one SGD (or preconditioned) lookahead step; ``precond``
+    is the multiplier P (``adam_preconditioner``), not Adam's denominator."""
     if precond is None:
         return {n: -lr * g for n, g in grad.items()}
     return {n: -lr * precond[n] * g for n, g in grad.items()}

@@ -30,8 +30,10 @@ class WeightingConfig:
     lookahead_lr: float = 0.0
     """Step size eta of the lookahead step theta' = theta - eta * grad; 0 = the LM's current lr."""
     precondition: bool = False
-    """Precondition the lookahead step (and the alignments) with AdamW's second moment, so the
-    lookahead is closer to the LM's real step; False = a plain SGD lookahead."""
+    """Precondition the lookahead step (and the alignments) with AdamW's second moment:
+    theta' = theta - eta * grad / (sqrt(v_hat) + eps), AdamW's step along the gradient (v_hat
+    bias-corrected, momentum left out), so the lookahead is closer to the LM's real step; a plain
+    SGD step before the optimizer's first step. False = a plain SGD lookahead."""
     method: Literal["jvp", "fd"] = "fd"
     """How the alignment engine computes per-sample alignments: 'fd' (two forwards, any attention
     kernel, relative error ~1e-3: small against the noise of a one-batch hypergradient, and

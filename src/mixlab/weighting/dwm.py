@@ -11,7 +11,8 @@ it back for transfer to another run, typically one with a bigger LM.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +52,40 @@ def _resolve_model_file(path: str | Path) -> Path:
     return p
 
 
+def canonical_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors`` with ``metadata``, the same for equal inputs.
+
+    safetensors (0.8) serialises its header from a Rust HashMap: the order of the metadata keys
+    changes from one call to the next, in one process too, so equal models gave files with
+    different hashes. The header is rewritten as canonical JSON (keys sorted, no spaces, padded
+    with spaces to a multiple of 8 bytes as safetensors pads it); the data section and its
+    offsets are safetensors' own (tensors laid out by dtype, then name), so the file reads back
+    with any safetensors loader.
+    """
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
 def save_net(net: WeightingNet, path: Path, tokenizer_sha256: str, domains: list[str],
              updates: int) -> None:
-    """Write the network and its metadata atomically (safetensors)."""
-    from safetensors.torch import save_file
-
+    """Write the network and its metadata atomically (safetensors), byte for byte the same for
+    the same network and metadata (``canonical_safetensors``)."""
     meta = {
         "format": str(FORMAT),
         "mixlab_version": __version__,
-        "spec": json.dumps(net.spec.__dict__),
+        "spec": json.dumps(net.spec.__dict__, sort_keys=True),
         "tokenizer_sha256": tokenizer_sha256,
         "domains": json.dumps(domains),
         "updates": str(updates),
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.write_bytes(canonical_safetensors(net.state_dict(), meta))
     tmp.replace(path)
 
 
