@@ -3,15 +3,16 @@ on losses that follow the linear dynamic mixing law exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 
 import numpy as np
 import pytest
-from tests.mixers.fakes import FakeSignals, LinearLawSim, drive, make_ctx
+from tests.mixers.fakes import DOMAINS, FakeSignals, LinearLawSim, drive, make_ctx
 
-from mixlab.errors import ConfigError
+from mixlab.errors import CheckpointError, ConfigError
 from mixlab.mixers import build_mixer
 from mixlab.mixers.aioli import (
     aioli_update,
@@ -103,10 +104,12 @@ def test_aioli_update():
         (1, 8, {}, "at least 2 domains"),
         (3, 8, {"floor": 0.4}, "above 1/m"),
         (2, 8, {"prior_steps": 100}, "no dynamic step"),
-        (3, 2, {"one_hot_factor": 0.5}, "not linearly independent"),
+        # Probes [1, 1, 0, 0] and its rotations: the circulant's eigenvalue 1 + (-1) is 0.
+        (4, 2, {"one_hot_factor": 0.5, "lp_rounds": 1}, "not linearly independent"),
         (2, 8, {"ema": 1.0}, "ema must be"),
         (2, 8, {"lp_steps": 0}, "lp_steps must be"),
         (2, 8, {"anchor": "prior"}, "not one of"),
+        (2, 8, {"variant": "paper"}, "not one of"),
         (2, 8, {"round_step": 10}, "Did you mean 'round_steps'"),
         (2, 8, {"prior": {"a": 1}}, "missing domain"),
     ],
@@ -292,7 +295,15 @@ def test_prior_phase_and_anchor(tmp_path):
     from_run = aioli(m=2, prior_run=str(run), prior_steps=2)
     np.testing.assert_allclose(from_run.plan(0).weights, [0.25, 0.75], rtol=1e-15)
     _, plans = run_law(mixer, A_2, 9, batch=4)
-    # The update multiplies the prior: p ∝ [0.75, 0.25] * exp(0.5 * [3/7, 4/7]).
+    # Published: the prior is forgotten after the prior phase, p ∝ exp(0.5 * [3/7, 4/7]).
+    first = 1.0 / (1.0 + math.exp(-0.5 * (4 / 7 - 3 / 7)))
+    np.testing.assert_allclose(plans[7].weights, [1 - first, first], rtol=1e-12)
+    # keep_prior: the update multiplies the prior, p ∝ [0.75, 0.25] * exp(0.5 * [3/7, 4/7]).
+    kept = aioli(
+        m=2, prior={"a": 3, "b": 1}, prior_steps=5, round_steps=10, lp_rounds=1, lp_steps=1,
+        one_hot_factor=0.75, batch=4, eta=0.5, keep_prior=True,
+    )
+    _, plans = run_law(kept, A_2, 9, batch=4)
     e0, e1 = 0.75 * math.exp(0.5 * 3 / 7), 0.25 * math.exp(0.5 * 4 / 7)
     np.testing.assert_allclose(plans[7].weights, [e0 / (e0 + e1), e1 / (e0 + e1)], rtol=1e-12)
     with pytest.raises(ConfigError, match=r"no summary\.json"):
@@ -343,3 +354,243 @@ def test_plan_after_the_run_is_the_learned_mixture():
     final = mixer.plan(12)  # step 12 would start round 2's probes
     assert final.counts is None and final.phase == "train"
     np.testing.assert_array_equal(final.weights, mixer.report()["p"])
+
+
+# ------------------------------------------------------------------------------ issue 13
+
+
+def probe_plans(mixer, m, lp_rounds, lp_steps=1):
+    """(sweep, probed domain, counts) of every probe step of round 0, in step order."""
+    out = []
+    for step in range(lp_rounds * m * lp_steps):
+        plan = mixer.plan(step)
+        assert plan.phase == "probe"
+        counts = np.asarray(plan.counts)
+        out.append((step // (m * lp_steps), int(np.argmax(counts)), counts))
+    return out
+
+
+# Hand-derived probe batches of sweeps 0-3 for probe j (offsets from j, mod m). m = 7, c = 0.75,
+# batch 8: 8 * 0.75 = 6 on j, 8 * 0.25 / 6 = 1/3 on the others, so floor 0 and 2 leftovers: they
+# go to j+1, j+2 (sweep 0), j-1, j-2 (sweep 1), then shifted one place: j+2, j+3 and j-2, j-3.
+# m = 3, c = 0.625, batch 8: 5 on j, 1.5 on each other, so [2, 1] on (j+1, j+2), then
+# (j-1, j-2) = (j+2, j+1), then shifted [1, 2] on (j+1, j+2), then on (j-1, j-2).
+HAND_PROBES = {
+    (7, 0.75, 8): [{0: 6, 1: 1, 2: 1}, {0: 6, -1: 1, -2: 1}, {0: 6, 2: 1, 3: 1}, {0: 6, -2: 1, -3: 1}],
+    (3, 0.625, 8): [{0: 5, 1: 2, 2: 1}, {0: 5, 2: 2, 1: 1}, {0: 5, 1: 1, 2: 2}, {0: 5, 2: 1, 1: 2}],
+}
+
+
+@pytest.mark.parametrize("m, c, batch", list(HAND_PROBES))
+def test_probe_batches_match_the_hand_derivation(m, c, batch):
+    mixer = aioli(m=m, batch=batch, total=200, round_steps=100, lp_rounds=4, lp_steps=1,
+                  one_hot_factor=c)
+    for sweep, j, counts in probe_plans(mixer, m, 4):
+        want = np.zeros(m, dtype=np.int64)
+        for offset, n in HAND_PROBES[m, c, batch][sweep].items():
+            want[(j + offset) % m] += n
+        np.testing.assert_array_equal(counts, want, err_msg=f"sweep {sweep}, probe {j}")
+
+
+@pytest.mark.parametrize(
+    "m, c, batch, lp_rounds",
+    [(7, 0.75, 8, 1), (7, 0.75, 8, 4), (3, 0.625, 8, 1), (3, 0.625, 8, 4), (5, 0.5, 7, 3),
+     (4, 0.6, 10, 2), (6, 0.4, 9, 1), (2, 0.625, 8, 4)],
+)
+def test_probe_round_trains_every_domain_equally(m, c, batch, lp_rounds):
+    """Finding 2 of issue 13. A sweep has m probes of ``batch`` samples, and each domain is
+    probed once and is a non-probed domain of the other m - 1 probes at every distance from
+    them once, so it gets exactly ``batch`` samples per sweep: the round totals are
+    lp_rounds * lp_steps * batch for every domain, the most balanced integer split. With the
+    domains listed in reverse order, the totals per domain name are the same (equivalently,
+    the totals by index are reversed). Counts are integers: exact equality."""
+    by_name = []
+    for order in (DOMAINS[:m], DOMAINS[:m][::-1]):
+        ctx = dataclasses.replace(make_ctx(m, 400, batch), domains=list(order))
+        options = dict(round_steps=200, lp_rounds=lp_rounds, lp_steps=2, one_hot_factor=c)
+        mixer = build_mixer("aioli", options, ctx)
+        plans = probe_plans(mixer, m, lp_rounds, lp_steps=2)
+        total = np.sum([counts for _, _, counts in plans], axis=0)
+        np.testing.assert_array_equal(total, np.full(m, lp_rounds * 2 * batch))
+        by_name.append(dict(zip(order, total.tolist())))
+    assert by_name[0] == by_name[1]
+
+
+def test_mean_probe_composition_is_symmetric_about_the_probed_domain():
+    """Even sweeps place leftovers after j, odd ones before: over 4 sweeps (m = 7, c = 0.75,
+    batch 8, HAND_PROBES) probe 0 has 6 on itself and, at distances 1, 2, 3 either side,
+    1/4, 2/4, 1/4 of a sample, so reversing the domains maps each probe's mean onto the mirror
+    probe's. Sums of quarters of small integers: exact in float."""
+    mixer = aioli(m=7, batch=8, total=400, round_steps=200, lp_rounds=4, lp_steps=1,
+                  one_hot_factor=0.75)
+    mean = np.zeros((7, 7))
+    for _, j, counts in probe_plans(mixer, 7, 4):
+        mean[j] += counts / 4
+    want = np.array([6, 0.25, 0.5, 0.25, 0.25, 0.5, 0.25])
+    for j in range(7):
+        np.testing.assert_array_equal(mean[j], np.roll(want, j))
+    np.testing.assert_array_equal(mixer.realised, mean / 8)
+
+
+def test_result_in_a_linear_world_does_not_depend_on_domain_order():
+    """Finding 2 of issue 13: m = 7, batch 8, c = 0.75 (the issue's case), the published
+    4 sweeps x 4 steps, 3 rounds. Reversing the domains (A -> J A J, L0 -> J L0) must reverse
+    the final weights and the final losses. Before the fix the probe steps trained
+    [.214 .214 .143 .107 ...] in both orders, so the losses were not reversed.
+
+    Tolerance: L starts at 100 (ulp 1.4e-14) and takes 750 steps of O(1) updates, so rounding
+    accumulates to < 750 * 1.4e-14 ≈ 1e-11; A comes from drops of O(1) measured on values near
+    100 (relative error ~1e-14, times cond(R) < 10), and p = softmax(eta * column sums): far
+    below 1e-10. The order-dependence the old probe batches caused is of order 1 in L here."""
+    rng = np.random.default_rng(13)
+    A = rng.uniform(-0.05, 0.1, size=(7, 7)) + np.diag(rng.uniform(0.1, 0.4, 7))
+    L0 = 100.0 + rng.uniform(0.0, 5.0, 7)
+    results = []
+    for J in (np.arange(7), np.arange(7)[::-1]):
+        mixer = aioli(m=7, batch=8, total=750, round_steps=250, one_hot_factor=0.75,
+                      anchor="previous", eta=1.0)
+        sim = LinearLawSim(A[np.ix_(J, J)], L0[J], 8)
+        drive(mixer, sim, 750)
+        results.append((np.asarray(mixer.report()["p"]), sim.L))
+    (p, L), (p_rev, L_rev) = results
+    assert np.abs(p - 1 / 7).max() > 0.01  # the mixture did move
+    np.testing.assert_allclose(p_rev, p[::-1], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(L_rev, L[::-1], rtol=0, atol=1e-10)
+
+
+def test_restricted_setting_leaves_a_bad_prior():
+    """Finding 3 of issue 13. Linear law with A_3 (column sums .3, 1.2, .6: domain 0 helps the
+    average loss least) and the prior [.9 .05 .05] trained for 50 steps. Published
+    (trainer/aioli_trainer.py:231): the update after the prior phase starts from uniform, so
+    after the first round p = softmax(eta * column sums of the normalised A), computed here
+    from A_3 by hand: A_3 >= 0, sum 2.1, column sums [1/7, 4/7, 2/7]. The mixture leaves the
+    prior in the direction A gives (domain 1 up, domain 0 down).
+
+    The law is exact and A is recovered to ~1e-14 relative (drops of O(1) on losses near 100),
+    which the softmax keeps: rtol 1e-12."""
+    prior = {"a": 0.9, "b": 0.05, "c": 0.05}
+    mixer = aioli(m=3, batch=64, total=400, prior=prior, prior_steps=50, round_steps=40,
+                  lp_rounds=1, lp_steps=2, eta=1.0)
+    sim = LinearLawSim(A_3, np.full(3, 100.0), 64)
+    plans = drive(mixer, sim, 50 + 40)
+    np.testing.assert_allclose(plans[0].weights, [0.9, 0.05, 0.05], rtol=1e-15)
+    colsum = np.array([1, 4, 2]) / 7
+    want = np.exp(colsum) / np.exp(colsum).sum()
+    np.testing.assert_allclose(mixer.report()["p"], want, rtol=1e-12)
+    assert want[0] < 1 / 3 < want[1] and np.argmax(want) == 1  # left the prior
+    # Over the rest of the run the mixture stays away from the prior, and the average loss ends
+    # lower than if the prior had been kept (keep_prior: p within a factor e of the prior).
+    drive(mixer, sim, 400 - 90, first=90)
+    kept = aioli(m=3, batch=64, total=400, prior=prior, prior_steps=50, round_steps=40,
+                 lp_rounds=1, lp_steps=2, eta=1.0, keep_prior=True)
+    kept_sim = LinearLawSim(A_3, np.full(3, 100.0), 64)
+    drive(kept, kept_sim, 400)
+    p_kept = np.asarray(kept.report()["p"])
+    w = 0.9 * math.exp(1 / 7)
+    assert p_kept[0] >= w / (w + 0.1 * math.exp(4 / 7)) - 1e-12  # bound from exp(eta) factor
+    assert mixer.report()["p"][0] < 1 / 3 and sim.L.mean() < kept_sim.L.mean() - 1.0
+
+
+def test_restricted_adaptive_keeps_moving_away_from_the_prior():
+    """The adaptive variant ("previous" anchor) starts from uniform after the prior phase and
+    multiplies in exp(eta * column sums) every round: after r rounds of the exact law
+    p ∝ exp(r * [1/7, 4/7, 2/7]) (A_3 normalised, the EMA of equal matrices is that matrix).
+    Tolerance as in test_restricted_setting_leaves_a_bad_prior, over 4 rounds: rtol 1e-12."""
+    mixer = aioli(m=3, batch=64, total=400, prior={"a": 0.9, "b": 0.05, "c": 0.05},
+                  prior_steps=50, round_steps=40, lp_rounds=1, lp_steps=2, variant="adaptive")
+    assert (mixer.config.anchor, mixer.config.eta, mixer.config.keep_prior) == (
+        "previous", 1.0, False)
+    sim = LinearLawSim(A_3, np.full(3, 100.0), 64)
+    drive(mixer, sim, 50)
+    for r in range(1, 5):
+        drive(mixer, sim, 40, first=50 + 40 * (r - 1))
+        logits = r * np.array([1, 4, 2]) / 7
+        np.testing.assert_allclose(
+            mixer.report()["p"], np.exp(logits) / np.exp(logits).sum(), rtol=1e-12
+        )
+
+
+def test_variant_presets_and_explicit_options():
+    published = aioli(m=3, round_steps=100)
+    assert (published.config.variant, published.config.anchor, published.config.eta) == (
+        "published", "initial", 0.2)
+    assert published.config.ema == 0.1 and published.config.normalize is True
+    mixed = aioli(m=3, round_steps=100, variant="adaptive", eta=0.5)
+    assert (mixed.config.anchor, mixed.config.eta) == ("previous", 0.5)
+    # keep_prior follows prior_steps unless given.
+    assert aioli(m=2, prior={"a": 1, "b": 3}).config.keep_prior is True
+    assert aioli(m=2, prior={"a": 1, "b": 3}, prior_steps=5).config.keep_prior is False
+    assert aioli(m=2, prior_steps=5, keep_prior=True).config.keep_prior is True
+
+
+def reference_rounds(readings, plans, observed, m, batch, lp_rounds, lp_steps, round_steps,
+                     eta, ema, anchor):
+    """Aioli's rounds re-implemented from the paper / reference (trainer/aioli_trainer.py:
+    119-190, 324-345) on the readings the mixer saw: B[:, j] = mean drop over probe j's measured
+    repeats, R[j] = mean composition of those repeats, A_i = R^{-1} B_i, shift to >= 0 and
+    divide by the sum, EMA, then p_j ∝ base_j exp(eta sum_i A_ij). Returns p after each round."""
+    ps, p, A_bar = [], np.full(m, 1 / m), None
+    n_rounds = len(plans) // round_steps
+    for r in range(n_rounds):
+        B, R, n = np.zeros((m, m)), np.zeros((m, m)), np.zeros(m)
+        for slot in range(lp_rounds * m):
+            s0 = r * round_steps + slot * lp_steps
+            end = s0 + lp_steps - 1
+            if (s0 - 1) in observed and end in observed:
+                counts = np.asarray(plans[s0].counts)
+                j = int(np.argmax(counts))
+                B[:, j] += readings[s0 - 1] - readings[end]
+                R[j] += counts / batch
+                n[j] += 1
+        B, R = B / n, R / n[:, None]
+        A = np.stack([np.linalg.solve(R, B[i]) for i in range(m)])
+        A = A - min(A.min(), 0.0)
+        A = A / A.sum()
+        A_bar = A if A_bar is None else (1 - ema) * A + ema * A_bar
+        base = np.full(m, 1 / m) if anchor == "initial" or r == 0 else p
+        p = base * np.exp(eta * A_bar.sum(axis=0))
+        p = p / p.sum()
+        ps.append(p)
+    return ps
+
+
+@pytest.mark.parametrize("anchor", ["initial", "previous"])
+def test_rounds_match_a_numpy_reimplementation(anchor):
+    """The A estimate and update against reference_rounds, on a noisy linear law (so that A,
+    B and every EMA differ from round to round) with one probe end unobserved (step 21, round 1:
+    that repeat and the next probe, whose "before" reading is then missing, drop out, and R
+    uses only the measured repeats). Same float operations in a different order: solve vs
+    solve, sums of 4 terms; rtol 1e-9 leaves room for cond(R) ~ 10 times the noise-driven
+    cancellation in B (drops ~0.5 measured against readings ~100)."""
+    m, batch, lp_rounds, lp_steps, U = 3, 8, 2, 2, 20
+    mixer = aioli(m=m, batch=batch, total=60, round_steps=U, lp_rounds=lp_rounds,
+                  lp_steps=lp_steps, eta=0.7, ema=0.3, anchor=anchor)
+    sim = LinearLawSim(A_3, np.full(m, 100.0), batch, noise=0.05, seed=2)
+    readings, observed = {}, {-1}
+    skip = frozenset({21})
+
+    def signals(step, plan):
+        sig = sim(step, plan)
+        readings[step] = sig.eval
+        if step >= 0 and step not in skip:
+            observed.add(step)
+        return sig
+
+    ps = []
+    plans = []
+    for r in range(3):
+        plans += drive(mixer, signals, U, first=U * r, skip=skip)
+        ps.append(np.asarray(mixer.report()["p"]))
+    want = reference_rounds(readings, plans, observed, m, batch, lp_rounds, lp_steps, U, 0.7,
+                            0.3, anchor)
+    assert mixer.report()["rounds_skipped"] == 0
+    np.testing.assert_allclose(ps, want, rtol=1e-9)
+    assert np.abs(np.diff(ps, axis=0)).max() > 1e-3  # the rounds did differ
+
+
+def test_checkpoint_from_before_the_balanced_probes_is_refused():
+    mixer = aioli(m=2, round_steps=10, lp_rounds=1, lp_steps=1)
+    state = mixer.state_dict()
+    del state["R_sum"]
+    with pytest.raises(CheckpointError, match="restart the run"):
+        aioli(m=2, round_steps=10, lp_rounds=1, lp_steps=1).load_state_dict(state)

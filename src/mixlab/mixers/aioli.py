@@ -14,29 +14,55 @@ real optimizer step that the trainer counts and schedules the learning rate for)
       Lp = lp_rounds * m * lp_steps  LearnParams: probes in random order, phase "probe"
       U - Lp                         train on p, updated from this round's A
 
-LearnParams runs ``lp_rounds`` random permutations of the m probes; probe j trains ``lp_steps``
-steps on P_j = c e_j + (1 - c)/(m - 1) (1 - e_j) (c = ``one_hot_factor``). Its batches have the
-exact composition ``closest_counts(P_j, batch)``, so the mixture trained is the realised R_j =
-counts / batch, not P_j (the published code probes with m=7, batch 8 batches that hold 0.545 of
-the probed group and none of another). The drop of every domain's mixer-eval loss across probe j
-(eval at the step before it starts and at its last step) gives column j of B (averaged over the
-``lp_rounds`` repeats); the law says B = A R^T, so A = B R^{-T} is solved with the realised R.
+LearnParams runs ``lp_rounds`` random permutations ("sweeps") of the m probes; probe j trains
+``lp_steps`` steps on P_j = c e_j + (1 - c)/(m - 1) (1 - e_j) (c = ``one_hot_factor``). Its
+batches have an exact composition (``probe_counts``): c * batch rounded on domain j, the rest
+split as evenly as integers allow, the leftover samples going to the domains after j (j+1, j+2,
+... mod m) on even sweeps and before it on odd ones, shifted by one place every two sweeps. So
+every sweep trains each domain on exactly ``batch`` of its m * batch samples, whatever the order
+of the domains (with leftovers to the lowest index, as before issue 13, the probes of m = 7,
+c = 0.75, batch 8 trained [.214 .214 .143 .107 .107 .107 .107] and the result depended on the
+order of the domains). The mixture trained is the realised R_j = counts / batch, not P_j (the
+published code probes with m=7, batch 8 batches that hold 0.545 of the probed group and none of
+another). The drop of every domain's mixer-eval loss across probe j (eval at the step before it
+starts and at its last step) gives column j of B, averaged over the measured sweeps; the law
+says B[:, j] = A R_j with R_j the mean composition of those sweeps, so A = B R^{-T}.
 
 Update after the probes of a round (the published scripts' path, ``--aioli_normalize_A --ema``):
 A is shifted to be >= 0 and divided by its sum (``normalize``), smoothed across rounds,
 Ā_r = (1 - ema) A_r + ema Ā_{r-1} (``ema`` is the weight on the old value), and
 
-    anchor = "initial":  p_r ∝ p0 ⊙ exp(eta Σ_i Ā_r[i, :])      (published code with --ema)
+    anchor = "initial":  p_r ∝ a ⊙ exp(eta Σ_i Ā_r[i, :])        (published code with --ema)
     anchor = "previous": p_r ∝ p_{r-1} ⊙ exp(eta Σ_i Ā_r[i, :])  (the paper's EG step; the
-                                                                   published code without --ema)
+                                                                   published code without --ema;
+                                                                   p_{-1} = a)
 
-The default is "initial": every published script sets ``--ema``, and then the code multiplies
-the fixed initial vector, not the previous p; the EMA already carries the history, so
-multiplying the previous p as well would count each round's A again in every later round. A
-consequence worth knowing: with a normalised A (entries sum to 1) the column sums lie in [0, 1],
-so p stays within a factor exp(eta) of p0. In the restricted setting p0 is the prior; the
-published code instead forgets the prior after ``prior_steps`` and restarts from uniform — we
-keep it as the anchor, which is what "Aioli adjusts the prior" means.
+with a = uniform, or the prior with ``keep_prior`` (below). ``variant = "published"`` (default)
+is anchor "initial", eta 0.2: every published script sets ``--ema``, and then the code multiplies
+the fixed initial vector, not the previous p (trainer/aioli_trainer.py:340); the EMA already
+carries the history. With a normalised A (entries sum to 1, column sums in [0, 1], 1/m on
+average) p stays within a factor exp(eta) of a, and in practice within ~1% of it.
+``variant = "adaptive"`` is anchor "previous", eta 1: the paper's exponentiated-gradient step,
+which accumulates the column sums round after round. Measured in synthetic worlds (issue 13;
+10 seeds, m = 3 and 7, batch 8, 2500 steps, published round/probe settings, eval noise 1e-3;
+gain = mean final loss minus stratified's, mean ± SE, negative is better):
+
+    world                         published          adaptive           best fixed mixture
+    linear law, m = 3            -0.0039 ± 0.0010   -0.1020 ± 0.0276   -0.430 ± 0.062
+    linear law, m = 7            -0.0004 ± 0.0001   -0.0113 ± 0.0024   -0.362 ± 0.046
+    diminishing returns, m = 3   -0.0002 ± 0.0001   -0.0029 ± 0.0010   -0.011 ± 0.002
+    diminishing returns, m = 7   -0.0001 ± 0.0000   -0.0029 ± 0.0009   -0.031 ± 0.007
+
+A larger eta with "previous" gains more in the linear law but overshoots where returns diminish
+(eta 2: +0.0030 ± 0.0021 at m = 3 with noise 5e-3, i.e. worse than stratified; eta 1: -0.0001).
+
+Restricted setting (a prior trained for ``prior_steps``): the published code forgets the prior
+after the prior phase (trainer/aioli_trainer.py:231 resets ``weights_init`` to ones, which :340
+and :343 multiply), so a = uniform: this is ``keep_prior = false``, the default when
+prior_steps > 0. ``keep_prior = true`` (mixlab before issue 13) keeps the prior as a, which with
+the "initial" anchor can never leave a factor exp(eta) of a bad prior: prior [.9 .05 .05] on
+the worst domain of a linear law, 250 prior steps, gain vs stratified +0.035 ± 0.005 (published),
++0.314 ± 0.046 (keep_prior), -0.030 ± 0.010 (adaptive).
 
 Robustness: a step with a non-finite loss is not observed by the trainer; a probe whose before
 or after eval is missing (or non-finite) is left out of B; a round whose B misses a probe, or
@@ -56,6 +82,12 @@ from mixlab.errors import CheckpointError, ConfigError
 from mixlab.mixers._util import run_final_weights, weights_from_mapping
 from mixlab.mixers.base import Mixer, MixerContext, Plan, Signals, apply_floor, register, softmax
 
+# What ``variant`` sets where ``eta`` / ``anchor`` are not given (Config.variant).
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "published": {"anchor": "initial", "eta": 0.2},
+    "adaptive": {"anchor": "previous", "eta": 1.0},
+}
+
 # Salt of the probe-order stream, so it never coincides with another stream seeded by `seed`.
 _ORDER_SALT = 0xA10E1
 
@@ -69,6 +101,31 @@ def probe_mixture(m: int, j: int, c: float) -> np.ndarray:
     p = np.full(m, (1.0 - c) / (m - 1))
     p[j] = c
     return p
+
+
+def probe_counts(m: int, c: float, batch: int, repeat: int = 0) -> np.ndarray:
+    """[m, m] int64 exact batch compositions of the m probes in sweep ``repeat`` (row j = probe j).
+
+    Probe j's counts are those of ``closest_counts(P_0, batch)`` (largest remainders, the probed
+    domain first, so it wins ties) moved round the circle: domain j gets probe 0's count of its
+    own domain, and the other counts o_1 >= o_2 >= ... (those holding a leftover sample of the
+    rounding first) go to j + d, j + 2d, ... (mod m), rotated by s among those m - 1 places,
+    with d = +1 on even sweeps and -1 on odd ones and s = repeat // 2. Every sweep is then a circulant: each domain
+    is at distance t from its probe exactly once, so over the m probes of one sweep every domain
+    gets exactly ``batch`` samples (the trained mixture of the probe phase is uniform), whatever
+    the order of the domains. Odd sweeps mirror even ones, so with an even ``lp_rounds`` the mean
+    composition of each probe is symmetric about it and reversing the domains reverses it too.
+    ``closest_counts`` on each P_j instead (before issue 13) gave every leftover to the lowest
+    domain index: m = 7, c = 0.75, batch 8 trained [.214 .214 .143 .107 .107 .107 .107].
+    """
+    base = closest_counts(probe_mixture(m, 0, c), batch)
+    others = np.roll(base[1:], (repeat // 2) % (m - 1))
+    step = 1 if repeat % 2 == 0 else -1
+    out = np.zeros((m, m), dtype=np.int64)
+    for j in range(m):
+        out[j, j] = base[0]
+        out[j, (j + step * np.arange(1, m)) % m] = others
+    return out
 
 
 def probe_order(seed: int, round_index: int, m: int, lp_rounds: int) -> np.ndarray:
@@ -147,18 +204,24 @@ class Aioli(Mixer):
         one_hot_factor: float = 0.625
         """c: share of the probed domain in its probe batches, the rest split evenly; must be
         above 1/m (published: 0.625 two groups, 0.5 three groups, 0.75 full)."""
-        eta: float = 0.2
+        variant: Literal["published", "adaptive"] = "published"
+        """Preset for ``anchor`` and ``eta`` where they are not given. 'published': anchor
+        'initial', eta 0.2 (the published scripts' --ema path). 'adaptive': anchor 'previous',
+        eta 1 (the paper's exponentiated-gradient step with the full-SlimPajama step size), which
+        moves p much further from p0; measured in linear-law worlds in the module docstring."""
+        eta: float | None = None
         """Step size of the exponentiated-gradient update (published: 0.2 two groups, 0.1 three,
-        1 full)."""
+        1 full). Unset: from ``variant`` (0.2 published, 1 adaptive)."""
         ema: float = 0.1
         """Weight of the previous round's A in its moving average; 0 disables smoothing
         (published: 0.1, 0.5 for three groups)."""
         normalize: bool = True
         """Shift A to be >= 0 and divide by its sum before the update (published scripts
         always set --aioli_normalize_A)."""
-        anchor: Literal["initial", "previous"] = "initial"
+        anchor: Literal["initial", "previous"] | None = None
         """What the update multiplies: 'initial' p0 (published code with an EMA) or 'previous'
-        p (the paper's exponentiated-gradient step); see the module docstring."""
+        p (the paper's exponentiated-gradient step); see the module docstring. Unset: from
+        ``variant`` ('initial' published, 'previous' adaptive)."""
         prior: dict[str, float] = field(default_factory=dict)
         """Restricted setting: p0 given per domain (any positive scale); empty = uniform."""
         prior_run: str | None = None
@@ -167,10 +230,23 @@ class Aioli(Mixer):
         prior_steps: int = 0
         """Steps trained on p0 before the first round (the published two- and three-group
         scripts set PRIOR_STEPS = 250 for the restricted runs)."""
+        keep_prior: bool | None = None
+        """Whether the updates after the prior phase still start from the prior. false: they
+        start from uniform, the prior only decides what the first ``prior_steps`` train on (the
+        published code, trainer/aioli_trainer.py:231); true: the prior stays the anchor (mixlab
+        before issue 13; with the 'initial' anchor p then stays within exp(eta) of the prior).
+        Unset: false when prior_steps > 0 (the restricted setting as published), true when
+        prior_steps = 0, where there is no prior phase and the prior would otherwise do nothing
+        (``mixlab sweep`` hands its mixture to Aioli this way)."""
         floor: float = 0.0
         """Minimum weight of every domain outside probes (mixed with uniform); <= 1/m."""
 
         def __post_init__(self) -> None:
+            preset = _VARIANTS[self.variant]
+            if self.eta is None:
+                self.eta = preset["eta"]
+            if self.anchor is None:
+                self.anchor = preset["anchor"]
             for name in ("round_steps", "lp_rounds", "lp_steps"):
                 if getattr(self, name) < 1:
                     raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -184,6 +260,8 @@ class Aioli(Mixer):
                 raise ConfigError("give either prior or prior_run, not both.")
             if self.prior_steps < 0:
                 raise ConfigError(f"prior_steps must be >= 0, got {self.prior_steps}.")
+            if self.keep_prior is None:
+                self.keep_prior = self.prior_steps == 0
             if self.floor < 0:
                 raise ConfigError(f"floor must be >= 0, got {self.floor}.")
 
@@ -218,17 +296,21 @@ class Aioli(Mixer):
             self.p0 = weights_from_mapping(config.prior, ctx.domains, "mixer.options.prior")
         else:
             self.p0 = np.full(m, 1.0 / m)
-        # Exact probe batches, fixed by the config: row j is what probe j really trains on.
+        # Exact probe batches, fixed by the config: [sweep, j] is what probe j of that sweep
+        # really trains on; ``realised`` [m, m] is its mean over a round's sweeps (row j), the R
+        # that A is solved with when every probe of the round was measured.
         self.probe_counts = np.stack(
-            [closest_counts(probe_mixture(m, j, c), ctx.batch_size) for j in range(m)]
+            [probe_counts(m, c, ctx.batch_size, k) for k in range(config.lp_rounds)]
         )
-        self.realised = self.probe_counts / ctx.batch_size
+        self.realised = self.probe_counts.mean(axis=0) / ctx.batch_size
         if np.linalg.matrix_rank(self.realised) < m:
             raise ConfigError(
                 f"with batch_size {ctx.batch_size} and one_hot_factor {c} the {m} probe batches "
                 "are not linearly independent, so A cannot be solved; raise the batch size or "
                 "one_hot_factor."
             )
+        # What the update starts from (module docstring): the prior only with keep_prior.
+        self.anchor_p = self.p0.copy() if config.keep_prior else np.full(m, 1.0 / m)
         self.p = self.p0.copy()
         self.A_bar: np.ndarray | None = None
         self.A_raw: np.ndarray | None = None
@@ -236,6 +318,7 @@ class Aioli(Mixer):
         self.rounds_skipped = 0
         self.B_sum = np.zeros((m, m))
         self.B_n = np.zeros(m, dtype=np.int64)
+        self.R_sum = np.zeros((m, m))  # row j: sum of probe j's measured compositions
         self.last_eval: np.ndarray | None = None
         self.last_eval_step = -2  # no eval recorded yet (-1 is the initial model)
 
@@ -267,7 +350,7 @@ class Aioli(Mixer):
         if phase == "prior":
             return Plan(weights=self._floored(self.p0), phase="prior")
         if phase == "probe":
-            counts = self.probe_counts[self._probe_index(r, slot)].copy()
+            counts = self.probe_counts[slot // self.ctx.m, self._probe_index(r, slot)].copy()
             return Plan(weights=counts / self.ctx.batch_size, counts=counts, phase="probe")
         return Plan(weights=self._floored(self.p))
 
@@ -292,6 +375,7 @@ class Aioli(Mixer):
                     j = self._probe_index(r, slot)
                     self.B_sum[:, j] += drop
                     self.B_n[j] += 1
+                    self.R_sum[j] += self.probe_counts[slot // self.ctx.m, j] / self.ctx.batch_size
             self.last_eval, self.last_eval_step = after, step
         elif before_probe:
             self._record_eval(step, signals)
@@ -312,11 +396,16 @@ class Aioli(Mixer):
         updated = False
         if np.all(self.B_n > 0):
             B = self.B_sum / self.B_n[None, :]
-            A_raw = solve_A(self.realised, B)
+            # The mean composition of the sweeps that were measured: B[:, j] = A R[j] holds for
+            # that mean, whichever sweeps of probe j went unobserved.
+            A_raw = solve_A(self.R_sum / self.B_n[:, None], B)
             A = normalize_A(A_raw) if cfg.normalize else A_raw
             if np.all(np.isfinite(A)):
                 A_bar = ema_update(self.A_bar, A, cfg.ema)
-                base = self.p0 if cfg.anchor == "initial" else self.p
+                # "previous" starts from the anchor too until a first update succeeded (the
+                # published no-EMA path, trainer/aioli_trainer.py:342-345).
+                first = self.A_bar is None
+                base = self.anchor_p if cfg.anchor == "initial" or first else self.p
                 p = aioli_update(base, A_bar, cfg.eta)
                 if np.all(np.isfinite(p)):
                     self.A_raw, self.A_bar, self.p = A_raw, A_bar, p
@@ -325,6 +414,7 @@ class Aioli(Mixer):
         self.rounds_done += 1
         self.B_sum[:] = 0.0
         self.B_n[:] = 0
+        self.R_sum[:] = 0.0
 
     # ------------------------------------------------------------------ state
 
@@ -346,6 +436,7 @@ class Aioli(Mixer):
             "rounds_skipped": self.rounds_skipped,
             "B_sum": self.B_sum.tolist(),
             "B_n": self.B_n.tolist(),
+            "R_sum": self.R_sum.tolist(),
             "last_eval": None if self.last_eval is None else self.last_eval.tolist(),
             "last_eval_step": self.last_eval_step,
         }
@@ -366,6 +457,12 @@ class Aioli(Mixer):
         self.rounds_skipped = int(state["rounds_skipped"])
         self.B_sum = np.asarray(state["B_sum"], dtype=np.float64).reshape(m, m)
         self.B_n = np.asarray(state["B_n"], dtype=np.int64).reshape(m)
+        if "R_sum" not in state:
+            raise CheckpointError(
+                "aioli state has no R_sum: it was written before the probe batches became "
+                "balanced (issue 13), and this version probes different batches; restart the run."
+            )
+        self.R_sum = np.asarray(state["R_sum"], dtype=np.float64).reshape(m, m)
         last = state["last_eval"]
         self.last_eval = None if last is None else np.asarray(last, dtype=np.float64)
         self.last_eval_step = int(state["last_eval_step"])
