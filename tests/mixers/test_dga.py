@@ -1,4 +1,5 @@
-"""DGA: update rule by hand, scale invariance, distribution reweighting, a real run, resume."""
+"""DGA: update rule by hand and against a numpy re-implementation, scale invariance of the
+normalised variant, distribution reweighting, a real run, resume."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_dga_update_by_hand():
     w0 = np.array([0.5, 0.25, 0.25])
     z0 = np.log(w0)
     a_hat = np.array([1.0, 0.0, -1.0])
-    z, w = dga_update(z0, w0, a_hat, eta=0.5, ema=0.0, floor=0.0)
+    z, w = dga_update(z0, a_hat, eta=0.5, ema=0.0, floor=0.0)
     expect = w0 * np.exp(0.5 * a_hat)
     expect /= expect.sum()
     np.testing.assert_allclose(w, expect, rtol=1e-12)
@@ -59,19 +60,85 @@ def test_dga_update_by_hand():
     # Aligned domains go up, anti-aligned go down.
     assert w[0] > w0[0] and w[2] < w0[2]
     # EMA: the sampled weights move (1 - β) of the way to the mirror iterate.
-    _, w_ema = dga_update(z0, w0, a_hat, eta=0.5, ema=0.75, floor=0.0)
+    _, w_ema = dga_update(z0, a_hat, eta=0.5, ema=0.75, floor=0.0)
     np.testing.assert_allclose(w_ema, 0.75 * w0 + 0.25 * expect, rtol=1e-12)
     # ... and the next step starts from the smoothed weights, not from the plain iterate.
-    z_ema, w_ema = dga_update(z0, w0, a_hat, eta=0.5, ema=0.75, floor=0.0)
-    _, w_ema2 = dga_update(z_ema, w_ema, a_hat, eta=0.5, ema=0.75, floor=0.0)
+    z_ema, w_ema = dga_update(z0, a_hat, eta=0.5, ema=0.75, floor=0.0)
+    _, w_ema2 = dga_update(z_ema, a_hat, eta=0.5, ema=0.75, floor=0.0)
     step2 = w_ema * np.exp(0.5 * a_hat)
     np.testing.assert_allclose(w_ema2, 0.75 * w_ema + 0.25 * step2 / step2.sum(), rtol=1e-12)
     # Floor: the smallest weight is lifted to the floor by mixing with uniform.
-    _, w_floor = dga_update(z0, w0, np.array([0.0, 0.0, -20.0]), eta=1.0, ema=0.0, floor=0.1)
+    _, w_floor = dga_update(z0, np.array([0.0, 0.0, -20.0]), eta=1.0, ema=0.0, floor=0.1)
     assert w_floor.min() == pytest.approx(0.1) and w_floor.sum() == pytest.approx(1.0)
     # An unmeasured domain keeps its share relative to the average measured one.
-    _, w1 = dga_update(z0, w0, np.array([1.0, np.nan, 1.0]), eta=1.0, ema=0.0, floor=0.0)
+    _, w1 = dga_update(z0, np.array([1.0, np.nan, 1.0]), eta=1.0, ema=0.0, floor=0.0)
     np.testing.assert_allclose(w1, w0, rtol=1e-12)
+
+
+def _reference_dga(alignments: np.ndarray, eta: float, ema: float, floor: float) -> np.ndarray:
+    """[T, k] sampled weights after each of T mirror steps, re-implemented from DESIGN.md (DGA)
+    without mixlab: α̂ = normalise(α ⊙ exp(η a)); α ← β α + (1 - β) α̂ (the EMA acts on the
+    unfloored iterate, and the next step starts from it); sampled = α mixed with uniform just
+    enough that min = floor (λ = (floor - min α) / (1/k - min α))."""
+    k = alignments.shape[1]
+    alpha = np.full(k, 1.0 / k)
+    out = []
+    for a in alignments:
+        hat = alpha * np.exp(eta * a)
+        hat = hat / hat.sum()
+        alpha = ema * alpha + (1.0 - ema) * hat
+        lo = alpha.min()
+        lam = 0.0 if lo >= floor else (floor - lo) / (1.0 / k - lo)
+        out.append((1.0 - lam) * alpha + lam / k)
+    return np.asarray(out)
+
+
+# Alignments for 6 updates: domain 0 aligned, domain 2 anti-aligned hard enough to sink below
+# the floor, signs flipping for domain 1 (so the floor is active in later steps and the EMA
+# state matters).
+_ALIGNMENTS = np.array([
+    [0.8, 0.1, -1.5], [0.6, -0.4, -2.0], [0.9, 0.3, -1.0],
+    [0.2, -0.6, -2.5], [0.7, 0.5, -1.8], [0.4, -0.2, -2.2],
+])
+
+
+def _drive(mixer, alignments: np.ndarray, sq: float) -> np.ndarray:
+    """[T, k] the mixer's plan after each update (update_every = 1), fed the given per-domain
+    alignments (every sample of domain i has alignment a[i]) with <g_S, g_S> = ``sq``."""
+    out = []
+    for step, a in enumerate(alignments):
+        mixer.observe(step, AlignSignals(step, measure=constant_alignments(a, sq=sq)))
+        out.append(mixer.plan(step + 1).weights)
+    return np.asarray(out)
+
+
+def test_default_is_the_published_mirror_step_on_raw_inner_products():
+    """The default options follow α ← normalise(α ⊙ exp(η a)) on the raw a_i = <g_i, g_S>,
+    whatever <g_S, g_S> is (here 4: a normalised step would be 4x smaller)."""
+    got = _drive(dga(update_every=1), _ALIGNMENTS, sq=4.0)
+    # float64, six multiplicative steps of a few operations each: the two computations differ
+    # by rounding (~1e-16 per operation), far inside 1e-12 relative.
+    np.testing.assert_allclose(got, _reference_dga(_ALIGNMENTS, 1.0, 0.0, 0.0), rtol=1e-12)
+    # The same with an EMA and a floor together (eta 0.7, β = 0.5, floor 0.05).
+    got = _drive(dga(update_every=1, eta=0.7, ema=0.5, floor=0.05), _ALIGNMENTS, sq=4.0)
+    np.testing.assert_allclose(got, _reference_dga(_ALIGNMENTS, 0.7, 0.5, 0.05), rtol=1e-12)
+    assert np.all(got >= 0.05 - 1e-15) and np.allclose(got.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+def test_ema_and_floor_act_on_the_same_unfloored_iterate():
+    """With both an EMA and a floor, the EMA smooths the unfloored iterate the mirror step
+    starts from, and only the sampled weights are floored (the normalised variant, so that
+    this pins the EMA/floor rule alone: â = a / <g_S, g_S> with <g_S, g_S> = 1)."""
+    mixer = dga(update_every=1, normalize="target", eta=1.0, ema=0.6, floor=0.1)
+    got = _drive(mixer, _ALIGNMENTS, sq=1.0)
+    expect = _reference_dga(_ALIGNMENTS, 1.0, 0.6, 0.1)
+    # The floor is active in these steps (so feeding the floored weights back would differ).
+    assert np.isclose(expect.min(axis=1), 0.1, rtol=1e-12, atol=0).sum() >= 3
+    np.testing.assert_allclose(got, expect, rtol=1e-12)  # rounding only, as above
+    # The state holds the unfloored iterate: softmax(logits) is below the floor for domain 2.
+    alpha = np.exp(np.asarray(mixer.state_dict()["logits"]))
+    alpha /= alpha.sum()
+    assert alpha[2] < 0.1 and min(mixer.state_dict()["weights"]) == pytest.approx(0.1)
 
 
 def _scaled_loss(c: float):
@@ -82,7 +149,8 @@ def _scaled_loss(c: float):
 
 
 def test_update_is_invariant_to_the_loss_scale():
-    """Multiplying the loss by c multiplies every alignment and <g_S, g_S> by c²: same step."""
+    """normalize = "target": multiplying the loss by c multiplies every alignment and
+    <g_S, g_S> by c², so the step is the same (the raw default's step scales with c²)."""
     torch.manual_seed(0)
     model = GPT(64, 16, n_layer=2, n_head=2, d_model=32)
     gen = torch.Generator().manual_seed(1)
@@ -95,7 +163,7 @@ def test_update_is_invariant_to_the_loss_scale():
         v = loss_gradient(model, target, loss_fn=fn)
         a = group_mean(alignments_jvp(model, batch, v, loss_fn=fn).double().numpy(), groups, 3)
         a_hat = normalized_alignments(a, dot(v, v), "target")
-        results.append((a, dga_update(np.zeros(3), np.full(3, 1 / 3), a_hat, 2.0, 0.5, 0.0)[1]))
+        results.append((a, dga_update(np.zeros(3), a_hat, 2.0, 0.5, 0.0)[1]))
     (a1, w1), (a2, w2), (_, w3) = results
     np.testing.assert_allclose(a2, 1e6 * a1, rtol=1e-4)  # the raw alignments do scale
     np.testing.assert_allclose(w2, w1, rtol=1e-5)
@@ -142,7 +210,7 @@ def dga(m: int = 3, batch: int = 8, steps: int = 100, **options):
 
 
 def test_mixer_updates_every_t_steps_with_stratified_rotating_counts():
-    mixer = dga(update_every=3, eta=1.0, target_windows=4)
+    mixer = dga(update_every=3, eta=0.5, target_windows=4)
     sig = AlignSignals(0, measure=constant_alignments(np.array([2.0, 0.0, -1.0]), sq=2.0))
     for step in range(6):
         sig.step = step
@@ -152,8 +220,9 @@ def test_mixer_updates_every_t_steps_with_stratified_rotating_counts():
     assert (d1, m1, p1, r1) == ("target", "jvp", False, 0) and sig.target_windows == 4
     np.testing.assert_array_equal(c1, [3, 3, 2])  # 8 samples over 3 domains
     np.testing.assert_array_equal(c2, [3, 2, 3])  # leftovers rotate to other domains
-    # Two steps of â = a / <g_S, g_S> = [1, 0, -0.5] from uniform, by hand.
-    expect = np.exp(2 * np.array([1.0, 0.0, -0.5]))
+    # Two steps of the raw a = [2, 0, -1] (the default: <g_S, g_S> = 2 plays no part) from
+    # uniform, by hand: α ∝ exp(2 η a), η = 0.5.
+    expect = np.exp(2 * 0.5 * np.array([2.0, 0.0, -1.0]))
     np.testing.assert_allclose(mixer.plan(6).weights, expect / expect.sum(), rtol=1e-12)
     json.dumps(mixer.report(), allow_nan=False)
 

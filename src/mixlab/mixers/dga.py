@@ -10,11 +10,33 @@ go up. Every ``update_every`` steps (0-based step s updates when (s + 1) % updat
     a_i  = <g_i, P g_S>             alignment of group i, from the alignment engine (one jvp
                                     or two forwards over a measurement batch; P = Adam's
                                     preconditioner or identity)
-    â_i  = a_i / <g_S, P g_S>       normalize = "target" (default): scale-free, see below
+    â_i  = a_i                      normalize = "none" (default, the published step)
     z    ← z + η â ;  α̂ = softmax(z)                 the mirror-descent iterate (log space)
-    α    ← β α + (1 - β) α̂                            EMA of the sampled weights (β = ``ema``)
+    α    ← β α + (1 - β) α̂                            EMA of the iterate (β = ``ema``)
     z    ← log α                                      with an EMA: the next step starts from α
-    α    ← floor(α)                                   every weight >= ``floor``
+    sampled weights = floor(α)                        every sampled weight >= ``floor``
+
+The default is the published step on the raw inner products (DESIGN.md, DGA: α ←
+normalise(α ⊙ exp(η a)), a_i = <g_i, g_S>): the first-order drop of the target loss along
+group i's gradient. Its size shrinks as the gradients do, so the step anneals by itself near
+the best mixture. η = 1 fits the demo model (``configs/demo.toml``, 500 steps, 50 updates):
+there <g_S, g_S> stayed between 0.3 and 2.4 (median 1.1) and the spread max_i a_i - min_i a_i
+had a median of 0.77, so one update moves the logits by about as much as the former
+normalised default (η = 1 on a / <g_S, g_S>: median spread 0.56) did. (On the demo
+<g_S, g_S> did not shrink, 0.6 over the first 5 updates, 1.6 over the last 5: a gradient from
+8 target windows is dominated by its noise.) On another model or loss scale, scale η by
+1 / <g_S, g_S> at the start of the run.
+
+``normalize = "target"`` divides by <g_S, P g_S> (a deviation, kept as a named option): the
+step is then invariant to the loss scale (c·loss scales every a_i and <g_S, P g_S> by c²), but
+it never anneals: near the best mixture g_S shrinks while the g_i do not, so |â| grows. In the
+quadratic world of ``tests/mixers/test_dga_world.py`` (target inside the hull of two domains,
+well-measured target gradient, 10 seeds, η = 1) the spread of η·â over the last tenth of the
+updates was 2.7-5.1x that of the first tenth with "target" and 0.07-0.21x with the raw
+products; final target loss 0.045 ± 0.011 ("target") vs 0.0026 ± 0.0002 (raw), mean ± SE; at
+the best η of each, 0.0065 ± 0.0016 (η = 0.1) vs 0.0024 ± 0.0003 (η = 0.3). ``"max_abs"``
+divides by the largest |a_i| (scale-free too, and it blows noise up to a full step when every
+alignment is small).
 
 The EMA feeds back: the next mirror step starts from the smoothed weights α, not from a
 separate iterate. Smoothing only the output of an iterate that keeps accumulating would delay
@@ -23,13 +45,13 @@ concentrated on a few clusters all the same); fed back, each update moves α onl
 the way, which is the stabilisation the paper uses it for (a decision: the paper's text
 available here does not spell out which of the two it means).
 
-Why ``<g_S, P g_S>``: scaling the loss by c scales every a_i and <g_S, P g_S> by c², so â (and
-the whole update) is invariant to the loss scale, and â_i has a meaning: the first-order drop
-of the target loss from a step along group i's gradient, relative to a step along the target's
-own gradient (â_i = 1 for a group whose gradient projects onto g_S like g_S itself). Unlike a
-max-abs normalisation (``"max_abs"``, also offered), it does not blow noise up to a full step
-when every alignment is small. ``"none"`` uses the raw a_i (the step then depends on the loss
-scale).
+The floor acts only on what is sampled: the mirror step and the EMA both act on the same
+unfloored α (= softmax(z)), and the sampler gets floor(α). The published step (DESIGN.md)
+has no floor, so with a floor the iterate is still the published one: the floor is a sampling
+safeguard, as ``apply_floor`` is for the other mixers. DoReMi's reference
+(sangmichaelxie/doremi, ``doremi/trainer.py``, ``update_domain_weights``) instead feeds the
+smoothed weights back into the next step; we do not, so that ``floor`` never changes the
+trajectory of the method, only how it is sampled.
 
 Groups and measurement: the weights are over the domains, or, with distribution reweighting
 (``basis != "none"``), over p basis distributions P_1..P_p over the domains (fine clusters),
@@ -72,8 +94,9 @@ _BASIS_TAG = 0xD6A  # separates the basis-draw seeds from every other seeded str
 def normalized_alignments(a: np.ndarray, direction_sq_norm: float, mode: str) -> np.ndarray:
     """[k] â from raw alignments ``a`` [k] (NaN = group not measured, kept NaN).
 
-    "target": a / <g_S, P g_S> (0 everywhere when the target gradient is 0: no information);
-    "max_abs": a / max|a| over measured groups (0 when all are 0); "none": a.
+    "none": a (the published step); "target": a / <g_S, P g_S> (0 everywhere when the target
+    gradient is 0: no information); "max_abs": a / max|a| over measured groups (0 when all
+    are 0).
     """
     a = np.asarray(a, dtype=np.float64)
     if mode == "none":
@@ -86,7 +109,7 @@ def normalized_alignments(a: np.ndarray, direction_sq_norm: float, mode: str) ->
         finite = a[np.isfinite(a)]
         top = float(np.max(np.abs(finite))) if finite.size else 0.0
         return np.where(np.isnan(a), np.nan, a / top if top > 0 else 0.0)
-    raise ConfigError(f"normalize {mode!r} is not one of 'target', 'max_abs', 'none'.")
+    raise ConfigError(f"normalize {mode!r} is not one of 'none', 'target', 'max_abs'.")
 
 
 def fill_unmeasured(a_hat: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -104,24 +127,25 @@ def fill_unmeasured(a_hat: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def dga_update(
     logits: np.ndarray,
-    weights: np.ndarray,
     a_hat: np.ndarray,
     eta: float,
     ema: float,
     floor: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One DGA step. Returns (new logits z [k], new sampled weights α [k]).
+    """One DGA step from the iterate α = softmax(``logits``) [k]. Returns (new logits z [k],
+    new sampled weights [k]).
 
-    z ← z + η â (â with unmeasured groups filled, see ``fill_unmeasured``), shifted so that
-    max z = 0 (softmax is shift-invariant; this keeps z bounded); α̂ = softmax(z);
-    α ← floor(β α + (1 - β) α̂); with β > 0 the returned logits are log α (before the floor),
-    so the next step starts from the smoothed weights.
+    z' = z + η â (â with unmeasured groups filled, see ``fill_unmeasured``), shifted so that
+    max z' = 0 (softmax is shift-invariant; this keeps z bounded); α̂ = softmax(z');
+    α' = β α + (1 - β) α̂, and with β > 0 the returned logits are log α', so the next step
+    starts from the smoothed weights. The EMA and the mirror step act on the same unfloored α;
+    the floor is applied to the returned sampled weights only (floor(α')).
     """
     z = np.asarray(logits, dtype=np.float64)
-    filled = fill_unmeasured(a_hat, softmax(z))
-    z = z + eta * filled
+    alpha = softmax(z)
+    z = z + eta * fill_unmeasured(a_hat, alpha)
     z = z - np.max(z)
-    mixed = ema * np.asarray(weights, dtype=np.float64) + (1.0 - ema) * softmax(z)
+    mixed = ema * alpha + (1.0 - ema) * softmax(z)
     mixed = mixed / mixed.sum()
     if ema > 0:
         z = np.log(np.maximum(mixed, np.finfo(np.float64).tiny))
@@ -200,15 +224,19 @@ class DGA(Mixer):
         update_every: int = 10
         """T_r: update the weights every this many steps (one alignment measurement each)."""
         eta: float = 1.0
-        """Step size of the exponentiated step on the normalised alignments â."""
-        normalize: Literal["target", "max_abs", "none"] = "target"
-        """How alignments are made scale-free: 'target' divides by <g_S, P g_S> (see the module
-        docstring), 'max_abs' by the largest |a_i|, 'none' keeps the raw inner products."""
+        """Step size η of the exponentiated step z ← z + η â. With the default raw inner
+        products its unit is 1 / (loss gradient)²: 1 suits the demo model, where <g_S, g_S> is
+        about 1 (see the module docstring); with 'target' or 'max_abs', â is scale-free."""
+        normalize: Literal["none", "target", "max_abs"] = "none"
+        """'none' (default, as published): â = the raw inner products a_i = <g_i, P g_S>, so the
+        step anneals as the gradients shrink. 'target': â = a / <g_S, P g_S>, invariant to the
+        loss scale but never annealing; 'max_abs': â = a / max|a_i| (see the module docstring)."""
         ema: float = 0.0
-        """β: sampled weights α ← β α + (1 - β) α̂, and the next step starts from α (0 = no EMA;
+        """β: the iterate α ← β α + (1 - β) α̂, and the next step starts from α (0 = no EMA;
         the paper's EMA helps when each domain holds few tokens or the target set is tiny)."""
         floor: float = 0.0
-        """Every sampled weight (over domains, or over bases) stays >= this (at most 1/k)."""
+        """Every sampled weight (over domains, or over bases) is >= this (at most 1/k): the
+        sampler gets floor(α); the iterate α itself is not floored (see the module docstring)."""
         init: Literal["uniform", "importance"] = "uniform"
         """Starting weights: uniform, or the target's cluster histogram (importance sampling)."""
         init_smoothing: float = 0.01
@@ -248,7 +276,7 @@ class DGA(Mixer):
             if self.align_samples < 0 or self.target_windows < 0:
                 raise ConfigError("align_samples and target_windows must be >= 0, got "
                                   f"{self.align_samples}, {self.target_windows}.")
-            choices = {"normalize": ("target", "max_abs", "none"), "init": ("uniform", "importance"),
+            choices = {"normalize": ("none", "target", "max_abs"), "init": ("uniform", "importance"),
                        "basis": ("none", "importance", "uniform"), "method": ("jvp", "fd")}
             for name, allowed in choices.items():
                 if getattr(self, name) not in allowed:
@@ -269,10 +297,10 @@ class DGA(Mixer):
         if self.config.floor * k > 1 + 1e-12:
             raise ConfigError(f"floor {self.config.floor} is above 1/k = {1 / k:.4g} ({k} groups).")
         self.weights = apply_floor(weights, self.config.floor)
-        """[k] sampled weights over the groups (domains or bases)."""
+        """[k] sampled weights over the groups (domains or bases): floor(softmax(z))."""
         with np.errstate(divide="ignore"):
             self.logits = np.log(weights) - np.log(weights).max()
-        """[k] z, the mirror-descent iterate in log space."""
+        """[k] z, the mirror-descent iterate α = softmax(z) in log space (never floored)."""
 
     def start(self, signals: Signals) -> None:
         cfg = self.config
@@ -333,8 +361,7 @@ class DGA(Mixer):
         groups = res.domains if design is None else samples_to_groups(res.domains, design)
         a_hat = normalized_alignments(group_mean(res.values, groups, k), res.direction_sq_norm,
                                       cfg.normalize)
-        self.logits, self.weights = dga_update(self.logits, self.weights, a_hat, cfg.eta, cfg.ema,
-                                               cfg.floor)
+        self.logits, self.weights = dga_update(self.logits, a_hat, cfg.eta, cfg.ema, cfg.floor)
         self.last_alignment = a_hat
         self.updates += 1
 
