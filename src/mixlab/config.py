@@ -198,9 +198,24 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{p}' is not valid TOML: {exc}") from None
 
 
-def describe(cls: type, prefix: str = "", instance: Any = None) -> str:
-    """The full config as commented TOML: every field with its default and its docstring."""
+def describe(
+    cls: type,
+    prefix: str = "",
+    instance: Any = None,
+    subtables: typing.Mapping[str, Subtable] | None = None,
+    given: typing.Collection[str] | None = None,
+) -> str:
+    """The full config as commented TOML: every field with its default and its docstring.
+
+    The text is valid TOML that loads back into an equal config (``mixlab train
+    --print-config`` output can be fed back as the config file): scalars come before the
+    sub-tables of their table, a value that is None is a comment (TOML has no null), and a
+    dict-valued field is an inline table, unless ``subtables`` names it (see ``Subtable``).
+    With ``given``, fields not in it are written as comments (``# name = default``), so that
+    loading the text back leaves them unset, as they were.
+    """
     instance = instance if instance is not None else cls()
+    subtables = subtables or {}
     docs = field_docs(cls)
     hints = get_type_hints(cls)
     scalars: list[str] = []
@@ -209,17 +224,45 @@ def describe(cls: type, prefix: str = "", instance: Any = None) -> str:
         value = getattr(instance, f.name)
         doc = docs.get(f.name, "")
         comment = "".join(f"# {line}\n" for line in doc.splitlines())
+        name = f"{prefix}{f.name}"
+        sub = subtables.get(name)
+        if sub is not None:
+            head = comment + "".join(f"# {line}\n" for line in sub.note.splitlines())
+            body = describe(sub.cls, f"{name}.", sub.instance, subtables, sub.given)
+            tables.append(f"{head}[{_dotted(name)}]\n{body}")
+            continue
         if _is_dataclass_type(hints[f.name]) or dataclasses.is_dataclass(value):
-            name = f"{prefix}{f.name}"
             if doc:
                 tables.append(comment.rstrip("\n"))
-            tables.append(f"[{name}]\n" + describe(type(value), f"{name}.", value))
+            body = describe(type(value), f"{name}.", value, subtables)
+            tables.append(f"[{_dotted(name)}]\n{body}")
             continue
         if value is None:
-            scalars.append(f"{comment}# {f.name} = (unset)")
+            scalars.append(f"{comment}# {_key(f.name)} = (unset)")
+        elif given is not None and f.name not in given:
+            scalars.append(f"{comment}# {_key(f.name)} = {_inline(value)}")
         else:
-            scalars.append(f"{comment}{f.name} = {_inline(value)}")
+            scalars.append(f"{comment}{_key(f.name)} = {_inline(value)}")
     return "\n".join(scalars + ([""] if scalars and tables else []) + tables) + "\n"
+
+
+class Subtable(typing.NamedTuple):
+    """How ``describe`` writes a dict-valued field whose entries are a dataclass's fields (e.g.
+    ``mixer.options``, the options of the chosen mixer): as the ``[name]`` table of ``cls``,
+    each entry with its docstring, under the comment ``note``, in place of the inline table, so
+    the table is declared once."""
+
+    cls: type
+    instance: Any
+    """The dataclass built from the dict (defaults filled in)."""
+    note: str = ""
+    given: typing.Collection[str] | None = None
+    """The dict's keys: the other fields are written as comments with their defaults."""
+
+
+def _dotted(name: str) -> str:
+    """A dotted table name with each part quoted as TOML needs."""
+    return ".".join(_key(part) for part in name.split("."))
 
 
 def _inline(value: Any) -> str:
@@ -235,4 +278,9 @@ def _inline(value: Any) -> str:
 
 
 def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+    """A TOML key: bare when TOML allows (A-Za-z0-9_-), else a basic string with its escapes."""
+    import tomli_w
+
+    if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k):
+        return k
+    return tomli_w.dumps({"v": str(k)}).strip()[len("v = ") :]

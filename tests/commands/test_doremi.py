@@ -10,6 +10,8 @@ import pytest
 from tests.train.conftest import tiny_overrides
 
 from mixlab.cli import main
+from mixlab.report.runs import load_run
+from mixlab.report.table import build_comparison
 from mixlab.train import loop
 from mixlab.train.config import load_config
 from mixlab.train.loop import TIMING_KEYS, Trainer
@@ -39,7 +41,8 @@ def _mtimes(out: Path) -> dict[str, int]:
 
 
 def _strip(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in (*TIMING_KEYS, "doremi")}
+    # Timing differs between runs; the doremi and input_runs blocks name the pipeline's dirs.
+    return {k: v for k, v in summary.items() if k not in (*TIMING_KEYS, "doremi", "input_runs")}
 
 
 def test_three_stages_then_reuse_without_training(tiny_data, tmp_path, monkeypatch, capsys):
@@ -67,6 +70,18 @@ def test_three_stages_then_reuse_without_training(tiny_data, tmp_path, monkeypat
     for line in _lines(final, "train"):  # every step of the final run trains on them
         assert line["weights"] == pytest.approx(learned, abs=1e-15)
 
+    # The proxy is a DoReMi run: its summary counts the reference's 6 steps as extra steps,
+    # and a table of the proxy shows that very number (issue 15: it said 0 while the table
+    # added 6 on its own).
+    proxy_summary = _json(proxy / "summary.json")
+    assert (proxy_summary["steps"], proxy_summary["extra_steps"]) == (10, 6)
+    assert proxy_summary["input_runs"] == {
+        "own_extra_steps": 0, "runs": {"mixer.reference": {"run": str(ref.resolve()), "steps": 6}},
+    }  # fmt: skip
+    (row,) = build_comparison([load_run(proxy)]).runs
+    assert (row.extra_steps, row.total_steps) == (6, 16)
+
+    # The final run counts reference and proxy once each (not the reference twice).
     summary = _json(final / "summary.json")
     assert summary["extra_steps"] == 6 + 10
     assert summary["doremi"] == {

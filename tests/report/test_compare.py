@@ -478,3 +478,170 @@ def test_compare_end_to_end(tiny_data, tmp_path):
     # Everything is reused the second time.
     again = compare(plan, jobs=2, progress=Progress(enabled=False), poll_s=0.2)
     assert set(again.outcome.values()) == {"reused"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15, item 6: train.threads set by the user wins over --jobs; budgets are never mixed
+
+
+def test_train_threads_defaults_to_unset():
+    """0 is train.threads' default ("torch's default"): only then does compare choose."""
+    from mixlab.train.config import TrainConfig
+
+    assert TrainConfig().train.threads == 0
+
+
+def test_parallelism_keeps_the_users_threads():
+    assert parallelism(None, 10, cores=8, threads=0) == (8, 1)  # unset: compare chooses
+    assert parallelism(2, 10, cores=8, threads=0) == (2, 4)
+    assert parallelism(None, 10, cores=8, threads=2) == (4, 2)  # J defaults to 8 // 2
+    assert parallelism(None, 10, cores=8, threads=16) == (1, 16)  # never below one job
+    assert parallelism(3, 10, cores=8, threads=4) == (3, 4)  # both given: both kept
+    assert parallelism(None, 1, cores=8, threads=2) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("where", "jobs", "expect_j", "oversubscribed"),
+    [("set", None, 1, False), ("config", None, 1, False), ("set", 2, 2, True)],
+)
+def test_user_train_threads_win_over_jobs(tmp_path, make_run, where, jobs, expect_j,
+                                          oversubscribed):  # fmt: skip
+    """train.threads = 3 from --set or from the config file is what every run gets, not
+    cores // jobs (= 1 on 2 cores); with 2 cores and 3 threads one run goes at a time unless
+    --jobs asks for more, and then compare says the cores are oversubscribed."""
+    raw = _raw(tmp_path / "data", compare={"mixers": ["stratified", "natural"], "seeds": 2})
+    overrides = []
+    if where == "set":
+        overrides = ["train.threads=3"]
+    else:
+        raw["train"]["threads"] = 3
+    plan = plan_compare(None, tmp_path / "out", overrides=overrides, raw=raw)
+    assert {s.config["train"]["threads"] for s in plan.specs} == {3}
+    launcher = FakeLauncher(make_run)
+    out = io.StringIO()
+    run_all(plan.specs, jobs=jobs, launcher=launcher, poll_s=0, cores=2,
+            progress=Progress(stream=out, every_s=0))  # fmt: skip
+    assert [c[2] for c in launcher.calls] == [3, 3, 3, 3]
+    assert launcher.max_live == expect_j
+    log = out.getvalue()
+    assert f"{expect_j} at a time with 3 thread(s) each (train.threads of the config)" in log
+    assert ("exceed the 2 cores" in log) is oversubscribed
+
+
+def test_unset_train_threads_is_chosen_by_compare(plan4, make_run):
+    launcher = FakeLauncher(make_run)
+    run_all(plan4.specs, jobs=1, launcher=launcher, poll_s=0, cores=4)
+    assert [c[2] for c in launcher.calls] == [4, 4, 4, 4]  # cores // jobs
+
+
+# Runs of two budgets: 40 steps (stratified, aioli) and 80 steps (odm, stratified), seed 0;
+# tokens = steps x 16 x 128 (conftest.write_run). Average test PPLs by hand: the mean of the
+# three domain values.
+BUDGET_RUNS = {
+    "s40": ("stratified", 40, {"code": 10.0, "legal": 20.0, "news": 30.0}),  # avg 20
+    "a40": ("aioli", 40, {"code": 9.0, "legal": 19.0, "news": 29.0}),  # avg 19 -> -1 vs s40
+    "o80": ("odm", 80, {"code": 5.0, "legal": 10.0, "news": 15.0}),  # avg 10
+    "s80": ("stratified", 80, {"code": 6.0, "legal": 12.0, "news": 18.0}),  # avg 12 -> o80 -2
+}
+
+
+@pytest.fixture
+def two_budgets(tmp_path, make_run):
+    return [
+        make_run(tmp_path / name, mixer, 0, ppl, steps=steps)
+        for name, (mixer, steps, ppl) in BUDGET_RUNS.items()
+    ]
+
+
+def test_runs_of_different_budgets_are_never_paired(two_budgets):
+    runs = collect_runs(two_budgets)
+    # The two stratified runs share mixer and seed: their labels name their dirs.
+    assert [r.label for r in runs] == ["stratified (s40)", "aioli", "odm", "stratified (s80)"]
+    cmp = build_comparison(runs)
+    # No run is paired with a run of the other budget: odm (80 steps, avg 10) against
+    # stratified (s40) (40 steps, avg 20) would be -10, and stratified (s80) -8.
+    assert {(r.method, r.diff) for r in cmp.runs} == {
+        ("stratified (s40)", 0.0), ("aioli", -1.0), ("odm", 0.0), ("stratified (s80)", 2.0),
+    }  # fmt: skip
+    from mixlab.report.table import Budget
+
+    assert [g.budgets for g in cmp.groups] == [[Budget(40, 40 * 2048)], [Budget(80, 80 * 2048)]]
+    g40, g80 = cmp.groups
+    assert (g40.baseline, [m.method for m in g40.methods]) == ("stratified (s40)",
+                                                               ["stratified (s40)", "aioli"])
+    assert (g80.baseline, [m.method for m in g80.methods]) == ("odm", ["odm", "stratified (s80)"])
+    assert g40.methods[1].diffs == {0: -1.0}  # aioli 19 - stratified 20, both 40 steps
+    assert g80.methods[1].diffs == {0: 2.0}  # stratified 12 - odm 10, both 80 steps
+
+    md = to_markdown(cmp, title="Results")
+    assert "These runs have 2 different training budgets" in md
+    b1 = md.index("## Budget 1 of 2: 40 steps, 81,920 training tokens per run")
+    b2 = md.index("## Budget 2 of 2: 80 steps, 163,840 training tokens per run")
+    assert b1 < b2
+    assert "80 steps" not in md[b1:b2] and "40 steps" not in md[b2:].split("Notes:")[0]
+    assert "| aioli | 19.00 | -1.00 (n=1) | 1/1 |" in md[b1:b2]
+    assert "| stratified (s80) | 12.00 | +2.00 (n=1) | 0/1 |" in md[b2:]
+    assert md.count("Notes:") == 1
+
+    rows = list(csv.DictReader(io.StringIO(to_csv(cmp))))
+    by = {(r["method"], r["seed"]): r for r in rows}
+    assert by["aioli", "0"]["baseline"] == "stratified (s40)"
+    assert by["odm", "0"]["baseline"] == "odm" and by["odm", "0"]["diff_avg_ppl"] == "0.0"
+    assert (by["aioli", "mean"]["steps"], by["odm", "mean"]["steps"]) == ("40", "80")
+    assert float(by["stratified (s80)", "mean"]["diff_avg_ppl"]) == 2.0
+
+
+def test_one_budget_keeps_one_table(three_methods):
+    cmp = build_comparison(collect_runs([three_methods]))
+    assert cmp.groups == [] and len(cmp.budgets) == 1
+    assert "Budget 1" not in to_markdown(cmp)
+
+
+def test_report_has_one_table_and_figure_per_budget(two_budgets, tmp_path):
+    from mixlab.report.html import build_report
+
+    report = build_report(two_budgets, tmp_path / "rep")
+    names = [f.name for f in report.figures]
+    assert "comparison.png" in names and "comparison-2.png" in names
+    titles = [f.title for f in report.figures if f.name.startswith("comparison")]
+    assert titles == ["Final comparison, 40 steps, 81,920 training tokens per run",
+                      "Final comparison, 80 steps, 163,840 training tokens per run"]  # fmt: skip
+    md = report.markdown.read_text()
+    assert "### Budget 1 of 2: 40 steps" in md and "### Budget 2 of 2: 80 steps" in md
+
+
+# DoReMi's reference model is extra compute of the method, counted in one place: summary.json.
+
+
+def test_with_input_steps_counts_reference_and_prior_runs(tmp_path, make_run):
+    from mixlab.report.runs import read_config, summary_extra_steps, with_input_steps
+
+    # The reference itself counted 5 extra steps: 40 + 5 = 45 are behind it.
+    ref = make_run(tmp_path / "ref", "stratified", 0, {"a": 10.0}, steps=40, extra_steps=5)
+    prior = make_run(tmp_path / "prior", "natural", 0, {"a": 10.0}, steps=7)
+    run = make_run(tmp_path / "dr", "doremi", 0, {"a": 9.0}, steps=40, extra_steps=3,
+                   overrides=[f"mixer.reference={ref}"])  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = read_config(run)
+    counted = with_input_steps(summary, cfg)
+    assert counted["extra_steps"] == 3 + 45
+    assert counted["input_runs"] == {
+        "own_extra_steps": 3, "runs": {"mixer.reference": {"run": str(ref), "steps": 45}},
+    }  # fmt: skip
+    assert with_input_steps(counted, cfg) == counted  # counted once
+    assert summary_extra_steps(summary, cfg) == summary_extra_steps(counted, cfg) == 48
+    # Aioli's prior_run: 7 steps; a run that reads nothing is left as it is.
+    aioli = make_run(tmp_path / "ai", "aioli", 0, {"a": 9.0},
+                     overrides=[f"mixer.options.prior_run='{prior}'"])  # fmt: skip
+    s = json.loads((aioli / "summary.json").read_text())
+    assert with_input_steps(s, read_config(aioli))["extra_steps"] == 7
+    plain = json.loads((prior / "summary.json").read_text())
+    assert with_input_steps(plain, read_config(prior)) is plain
+
+    # The table reads the summary's number; once the reference is gone it still does.
+    (run / "summary.json").write_text(json.dumps(counted))
+    import shutil
+
+    shutil.rmtree(ref)
+    cmp = build_comparison(collect_runs([run]))
+    assert [r.extra_steps for r in cmp.runs] == [48]

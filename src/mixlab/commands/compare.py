@@ -42,7 +42,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--jobs",
         type=int,
-        help="runs at once (default and maximum: CPU cores); each gets cores // jobs threads",
+        help="runs at once (default and maximum: CPU cores); each gets cores // jobs threads, "
+        "unless train.threads is set (config or --set), which is kept (then the default jobs "
+        "is cores // train.threads)",
     )
     p.add_argument(
         "--force",

@@ -35,7 +35,9 @@ method consumed outside that run (docs/architecture.md): reference steps + proxy
 with the ``extra_steps`` they counted themselves) + the final run's own. The trainer writes
 summary.json; this command rewrites it once, atomically, adding that total and a ``doremi``
 block with the breakdown (``final_own_extra_steps`` keeps the trainer's own count, so the rewrite
-is idempotent).
+is idempotent). The proxy's own summary counts the reference model's steps as its extra steps,
+as any run with ``mixer.reference`` does (``mixlab.report.runs.with_input_steps``): the proxy is
+a DoReMi run too, and ``mixlab report DIR/proxy`` then reads the same number as the file says.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mixlab.errors import ConfigError, MixlabError
+from mixlab.report.runs import counted_steps, own_extra_steps
 
 STATE_FILE = "doremi.json"
 SUMMARY = "summary.json"
@@ -322,20 +325,23 @@ def _prepare_stage(name: str, cfg: Any, run_dir: Path, force: bool, stale: str =
 def _run_stage(
     index: int, name: str, cfg: Any, run_dir: Path, force: bool, stale: str = ""
 ) -> tuple[dict[str, Any], StageStatus]:
+    """Reuse, resume or train one stage; its summary.json counts the steps of the runs it
+    read (the proxy: the reference model's) as extra steps, as ``mixlab train`` writes it."""
+    from mixlab.config import to_dict
+    from mixlab.report.runs import account_input_steps
+
     status = _prepare_stage(name, cfg, run_dir, force, stale)
     what = f"stage {index}/3 {name} ({cfg.mixer.name}, {cfg.train.steps} steps)"
     if status == "reused":
         _log(f"{what}: reusing the finished run {run_dir}")
-        return _read_json(run_dir / SUMMARY), status
-    from mixlab.train import loop  # torch: imported only when a stage trains
+        _read_json(run_dir / SUMMARY)  # a clear error for a damaged file
+    else:
+        from mixlab.train import loop  # torch: imported only when a stage trains
 
-    _log(f"{what}: {'resuming' if status == 'resumed' else 'training'} in {run_dir}")
-    return loop.train(cfg, run_dir, resume=True, log=_log), status
-
-
-def _counted(summary: dict[str, Any]) -> int:
-    """Training steps a run consumed: its own steps plus those it counted as extra."""
-    return int(summary.get("steps", 0)) + int(summary.get("extra_steps", 0) or 0)
+        _log(f"{what}: {'resuming' if status == 'resumed' else 'training'} in {run_dir}")
+        loop.train(cfg, run_dir, resume=True, log=_log)
+    # Idempotent: a summary that already counts its input runs is not rewritten.
+    return account_input_steps(run_dir, to_dict(cfg)), status
 
 
 def run_pipeline(plan: PipelinePlan, force: bool = False) -> PipelineResult:
@@ -349,9 +355,10 @@ def run_pipeline(plan: PipelinePlan, force: bool = False) -> PipelineResult:
 
     if plan.given_reference is not None:
         _log(f"stage 1/3 reference: using the given run {plan.given_reference}")
-        ref_summary, statuses["reference"] = _read_json(plan.given_reference / SUMMARY), "given"
+        _read_json(plan.given_reference / SUMMARY)  # a clear error for a damaged file
+        statuses["reference"] = "given"
     else:
-        ref_summary, statuses["reference"] = _run_stage(
+        _, statuses["reference"] = _run_stage(
             1, "reference", plan.reference_config(), plan.reference_dir, force
         )
     ref_hash = _sha256(plan.reference_dir / SUMMARY)
@@ -371,7 +378,11 @@ def run_pipeline(plan: PipelinePlan, force: bool = False) -> PipelineResult:
     final_summary, statuses["final"] = _run_stage(
         3, "final", plan.final_config(weights), plan.final_dir, force
     )
-    ref_steps, proxy_steps = _counted(ref_summary), _counted(proxy_summary)
+    # The proxy's summary counts the reference's steps among its extra steps (the proxy read
+    # it), so the final run's extra steps are the proxy's counted steps (each run once); the
+    # breakdown splits them into the proxy's own share and the reference's.
+    proxy_steps = int(proxy_summary.get("steps", 0)) + own_extra_steps(proxy_summary)
+    ref_steps = counted_steps(proxy_summary) - proxy_steps
     # The trainer's own count: kept in the doremi block once the summary has been rewritten.
     block = final_summary.get("doremi")
     if isinstance(block, dict) and "final_own_extra_steps" in block:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -28,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlab.config import describe, from_dict
+    from mixlab.config import Subtable, describe, from_dict
     from mixlab.mixers.base import MIXERS, mixer_class
 
     if args.list_mixers:
@@ -45,18 +47,30 @@ def run(args: argparse.Namespace) -> int:
 
     cfg: TrainConfig = load_config(args.config, args.overrides)
     if args.print_config:
-        print(describe(TrainConfig, instance=cfg), end="")
+        # mixer.options is written once, as the documented [mixer.options] table of the chosen
+        # mixer (not also as `options = {...}` under [mixer], which TOML refuses as a second
+        # declaration), so the printed text is a config file that loads back to this config;
+        # options left at their defaults stay commented, so they stay unset when loaded back.
         options_cls = mixer_class(cfg.mixer.name).Config
         opts = from_dict(options_cls, cfg.mixer.options, where="mixer.options")
-        text = describe(options_cls, instance=opts)
-        if text.strip():
-            print(f"\n# options of mixer '{cfg.mixer.name}'\n[mixer.options]\n{text}", end="")
+        note = (f"options of mixer '{cfg.mixer.name}' (a commented option takes the value "
+                "shown, its default)" if dataclasses.fields(options_cls)
+                else f"mixer '{cfg.mixer.name}' has no options")  # fmt: skip
+        sub = Subtable(options_cls, opts, note, given=set(cfg.mixer.options))
+        print(describe(TrainConfig, instance=cfg, subtables={"mixer.options": sub}), end="")
         return 0
 
     from mixlab.train.loop import train
 
     out = args.out or f"runs/{cfg.mixer.name}-seed{cfg.train.seed}"
     summary = train(cfg, out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr))
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the run dir (torchrun)
+        from mixlab.config import to_dict
+        from mixlab.report.runs import account_input_steps
+
+        # The steps of the runs this one read (DoReMi's reference model, Aioli's prior_run)
+        # are extra compute of the method: counted in summary.json, where tables read them.
+        summary = account_input_steps(out, to_dict(cfg))
     test = summary["test"]
     print(json.dumps({"run": out, "avg_test_ppl": test["avg_ppl"], "test_ppl": test["ppl"]}, indent=2))
     return 0

@@ -19,7 +19,8 @@ model, and is trained first. ``--set`` overrides apply to the whole file first, 
 
 Each run is a subprocess ``python -m mixlab train CONFIG --out RUN_DIR --set train.threads=T
 --set train.progress=false [--resume]``. Runs go in parallel, J = min(jobs, cores) at a time
-with T = max(1, cores // J) torch threads each. A run whose ``summary.json`` exists and whose
+with T = max(1, cores // J) torch threads each; a ``train.threads`` set in the config or with
+``--set`` is kept as T (and J then defaults to cores // T). A run whose ``summary.json`` exists and whose
 config matches is reused; a run with a checkpoint is resumed. A mixer that needs a reference
 model (class attribute ``needs_reference = True``) and has none configured follows DoReMi's
 recipe: its reference is the stratified run of the same seed (stratified is added to the
@@ -402,11 +403,27 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parallelism(jobs: int | None, n_runs: int, cores: int | None = None) -> tuple[int, int]:
-    """(J, T): processes at once and torch threads each. J = min(jobs, cores, runs to do)."""
+def parallelism(
+    jobs: int | None, n_runs: int, cores: int | None = None, threads: int = 0
+) -> tuple[int, int]:
+    """(J, T): processes at once and torch threads each.
+
+    ``threads`` is the runs' ``train.threads``: 0 (its default, "torch's default") lets compare
+    choose T = max(1, cores // J) with J = min(jobs, cores, runs to do); a value the user set
+    (config or --set) is kept as T, and then J defaults to max(1, cores // T), so that J x T
+    does not exceed the cores unless ``jobs`` asks for more.
+    """
     cores = cores or available_cores()
-    j = max(1, min(jobs or cores, cores, max(1, n_runs)))
+    todo = max(1, n_runs)
+    if threads > 0:
+        return max(1, min(jobs or max(1, cores // threads), cores, todo)), threads
+    j = max(1, min(jobs or cores, cores, todo))
     return j, max(1, cores // j)
+
+
+def requested_threads(spec: RunSpec) -> int:
+    """The run's ``train.threads`` as its config sets it; 0 = not set (compare chooses)."""
+    return int((spec.config.get("train") or {}).get("threads") or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,9 +543,21 @@ def run_all(
     todo = [s for s in specs if states[s.key] != "done"]
     if outcome:
         progress.event(f"reusing {len(outcome)} finished run(s): {', '.join(outcome)}")
-    j, threads = parallelism(jobs, len(todo), cores)
+    # A train.threads the user set wins over compare's choice (every run shares the [train]
+    # table, so one value; the largest is taken should they ever differ).
+    user_threads = max((requested_threads(s) for s in todo), default=0)
+    j, threads = parallelism(jobs, len(todo), cores, threads=user_threads)
     if todo:
-        progress.event(f"{len(todo)} run(s) to train, {j} at a time with {threads} thread(s) each")
+        how = " (train.threads of the config)" if user_threads else ""
+        progress.event(
+            f"{len(todo)} run(s) to train, {j} at a time with {threads} thread(s) each{how}"
+        )
+        n_cores = cores or available_cores()
+        if j > 1 and j * threads > n_cores:
+            progress.event(
+                f"note: {j} x {threads} threads exceed the {n_cores} cores; runs will slow each "
+                "other down (lower --jobs or train.threads)"
+            )
     total_steps = sum(s.steps for s in todo)
     done_steps = 0
     pending = list(todo)
@@ -550,7 +579,7 @@ def run_all(
                         continue
                     pending.remove(spec)
                     resume = states[spec.key] == "resume"
-                    proc = launcher(spec, resume, threads)
+                    proc = launcher(spec, resume, requested_threads(spec) or threads)
                     running[spec.key] = _Running(
                         spec, proc, StepTail(spec.run_dir / METRICS), time.monotonic()
                     )

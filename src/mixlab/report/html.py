@@ -8,6 +8,7 @@ table and links the PNGs by relative path (for a terminal, a repository or a not
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import re
@@ -88,7 +89,7 @@ def build_report(
     figures = [
         plots.plot_weights(ordered, out / "weights.png", all_seeds=all_seeds),
         plots.plot_eval_losses(ordered, out / "eval_loss.png", colors),
-        plots.plot_comparison(cmp, out / "comparison.png", colors) if cmp else None,
+        *_comparison_figures(cmp, out, colors),
         plots.plot_tokens(ordered, out / "tokens.png", colors),
     ]
     figs = [f for f in figures if f is not None]
@@ -101,6 +102,23 @@ def build_report(
     html_path = out / REPORT_HTML
     html_path.write_text(render_html(title, table_md, figs, out, notes, ordered), encoding="utf-8")
     return Report(out, html_path, md_path, figs, cmp, ordered, notes)
+
+
+def _comparison_figures(
+    cmp: Comparison | None, out: Path, colors: dict[str, str]
+) -> list[plots.FigureInfo]:
+    """comparison.png; with runs of several budgets one figure per budget (comparison.png,
+    comparison-2.png, ...), each paired within its budget like its table."""
+    if cmp is None:
+        return []
+    if not cmp.groups:
+        return [plots.plot_comparison(cmp, out / "comparison.png", colors)]
+    figs = []
+    for k, group in enumerate(cmp.groups, 1):
+        name = "comparison.png" if k == 1 else f"comparison-{k}.png"
+        fig = plots.plot_comparison(group, out / name, colors)
+        figs.append(dataclasses.replace(fig, title=f"{fig.title}, {group.budgets[0].text}"))
+    return figs
 
 
 def _sources(runs: list[Run]) -> list[str]:

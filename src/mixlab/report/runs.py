@@ -120,6 +120,108 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return data
 
 
+# ---------------------------------------------------------------------------------------------
+# Extra steps: the training steps of the runs a run reads
+
+INPUTS = "input_runs"
+"""The summary.json block that records the runs a run read and the steps counted for them."""
+
+
+def input_runs(config: dict[str, Any]) -> dict[str, str]:
+    """The finished runs a run reads, by config key: DoReMi's reference model
+    (``mixer.reference``) and Aioli's ``mixer.options.prior_run``."""
+    mixer = config.get("mixer") or {}
+    found = {
+        "mixer.reference": mixer.get("reference"),
+        "mixer.options.prior_run": (mixer.get("options") or {}).get("prior_run"),
+    }
+    return {k: str(v) for k, v in found.items() if v}
+
+
+def own_extra_steps(summary: dict[str, Any]) -> int:
+    """The extra steps the trainer counted itself (Skill-It's branches; a ``mixlab doremi``
+    or ``mixlab sweep --final`` rewrite already includes the proxies), before the input runs
+    were added."""
+    block = summary.get(INPUTS)
+    if isinstance(block, dict) and "own_extra_steps" in block:
+        return int(block["own_extra_steps"])
+    return int(summary.get("extra_steps") or 0)
+
+
+def counted_steps(summary: dict[str, Any]) -> int:
+    """Every training step behind a finished run: its own steps plus its extra steps."""
+    return int(summary.get("steps") or 0) + int(summary.get("extra_steps") or 0)
+
+
+def run_steps(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> int | None:
+    """Every training step behind the finished run in ``run_dir`` (``counted_steps`` of its
+    summary, the input runs counted as ``with_input_steps`` does), or None when it has not
+    finished."""
+    summary = read_summary(run_dir)
+    if summary is None:
+        return None
+    extra = summary_extra_steps(summary, read_config(run_dir), _seen | {run_dir.resolve()})
+    return int(summary.get("steps") or 0) + extra
+
+
+def with_input_steps(
+    summary: dict[str, Any], config: dict[str, Any], _seen: frozenset[Path] = frozenset()
+) -> dict[str, Any]:
+    """``summary`` with the steps of the runs it read added to ``extra_steps`` (pure; I/O is
+    only reading those runs' summary.json).
+
+    The reference model of DoReMi and the prior run of Aioli are trained outside the run, but
+    the method needs them, so their steps (with their own extra steps: the count is recursive)
+    are the method's extra compute (docs/architecture.md, summary.json). The breakdown goes in
+    an ``input_runs`` block, ``{"own_extra_steps": k, "runs": {key: {"run": dir, "steps":
+    n}}}`` (the trainer's own count is kept there). A summary that has the block is returned
+    unchanged: the count is made once, when the run finishes, and stays true if an input run
+    is deleted later. A summary with no input run is returned unchanged too (no block).
+    """
+    if INPUTS in summary:
+        return summary
+    runs: dict[str, dict[str, Any]] = {}
+    for key, path in input_runs(config).items():
+        run_dir = Path(path)
+        if not run_dir.is_dir() or run_dir.resolve() in _seen:  # a cycle counts nothing twice
+            continue
+        steps = run_steps(run_dir, _seen)
+        if steps is not None:
+            runs[key] = {"run": path, "steps": steps}
+    if not runs:
+        return summary
+    own = own_extra_steps(summary)
+    return {
+        **summary,
+        "extra_steps": own + sum(r["steps"] for r in runs.values()),
+        INPUTS: {"own_extra_steps": own, "runs": runs},
+    }
+
+
+def summary_extra_steps(
+    summary: dict[str, Any], config: dict[str, Any], _seen: frozenset[Path] = frozenset()
+) -> int:
+    """The extra steps of a finished run, as its summary.json counts them; a summary written
+    without the input-run count (an older mixlab, or ``mixlab.train.loop.train`` called
+    directly) gets it from ``with_input_steps``, the one definition."""
+    return int(with_input_steps(summary, config, _seen).get("extra_steps") or 0)
+
+
+def account_input_steps(run_dir: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``run_dir/summary.json`` (atomically, only when it changes) with the input
+    runs' steps counted (``with_input_steps``); returns the summary."""
+    from mixlab.data.format import write_json_atomic
+
+    path = Path(run_dir)
+    summary = read_summary(path)
+    if summary is None:
+        raise MixlabError(f"{path / SUMMARY} does not exist: the run has not finished.")
+    updated = with_input_steps(summary, config)
+    if updated != summary:
+        write_json_atomic(path / SUMMARY, updated)
+    return updated
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     """The run's config.toml as a plain dict (empty when absent)."""
     from mixlab.config import load_toml

@@ -7,9 +7,15 @@ standard deviation over the seeds both have. A method "beats" the baseline at a 
 difference is negative. A mean difference is marked *within noise* when
 ``|mean| <= 2 * std / sqrt(n)`` (two standard errors); with one seed the noise is unknown.
 
+Differences are only taken between runs of the same *budget* (training steps and tokens: a
+method trained twice as long is not "better" than the baseline's shorter run). When the
+finished runs have several budgets, the comparison holds one group per budget (``groups``),
+each with its own baseline chosen by the same rule, and the Markdown has one table per budget.
+
 ``comparison.csv`` has one row per run (``seed`` = the seed) followed by two rows per method
 (``seed`` = "mean" and "std"); ``wins``, ``n_paired`` and ``within_noise`` are filled on the
-"mean" rows.
+"mean" rows; ``steps`` and ``tokens`` (the budget) on every row. With several budgets the rows
+of each budget follow each other, each naming its own baseline.
 """
 
 from __future__ import annotations
@@ -20,13 +26,12 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mixlab.errors import MixlabError
-from mixlab.report.runs import Run, read_summary
+from mixlab.report.runs import Run, summary_extra_steps
 
 DEFAULT_BASELINE = "stratified"
 NOISE_RULE = "|mean Δ| ≤ 2·std/√n (two standard errors of the paired differences)"
@@ -48,6 +53,25 @@ class Stat:
         arr = np.asarray(vals, dtype=np.float64)
         std = float(arr.std(ddof=1)) if arr.size > 1 else None
         return Stat(float(arr.mean()), std, int(arr.size))
+
+
+@dataclass(frozen=True, order=True)
+class Budget:
+    """What a run was trained on: optimizer steps and training tokens (steps x batch x
+    seq_len). Runs are paired only with runs of the same budget."""
+
+    steps: int
+    tokens: int
+
+    @staticmethod
+    def of(run: Run) -> Budget:
+        s = run.summary or {}
+        return Budget(int(s.get("steps") or 0), int(s.get("tokens") or 0))
+
+    @property
+    def text(self) -> str:
+        out = f"{self.steps} steps"
+        return out + (f", {self.tokens:,} training tokens per run" if self.tokens else "")
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,14 @@ class Comparison:
     runs: list[RunRow]
     context: dict[str, Any] = field(default_factory=dict)
     """Budget and model facts shared by the runs (for the header)."""
+    groups: list[Comparison] = field(default_factory=list)
+    """With runs of several budgets: one comparison per budget (ascending), each paired within
+    itself; ``methods`` and ``runs`` above are then theirs in that order, and ``baseline`` is the
+    first group's. Empty when every run has the same budget."""
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return sorted({Budget(r.steps, r.tokens) for r in self.runs})
 
     @property
     def has_target(self) -> bool:
@@ -141,39 +173,33 @@ def _run_row(run: Run) -> RunRow:
         domain_ppl={str(k): float(v) for k, v in ppl.items() if v is not None},
         target_loss=_opt_float(test.get("target_loss")),
         wall_time_s=_opt_float(s.get("wall_time_s")),
-        extra_steps=int(s.get("extra_steps") or 0) + _reference_steps(run),
+        extra_steps=summary_extra_steps(s, run.config),
         steps=int(s.get("steps") or 0),
         tokens=int(s.get("tokens") or 0),
     )
-
-
-def _reference_steps(run: Run) -> int:
-    """Steps spent on the runs this run reads (DoReMi's reference model, Aioli's
-    ``options.prior_run``), read from those runs' own summaries (their steps and extra steps):
-    they are part of what the method cost, though trained outside the run."""
-    mixer = run.config.get("mixer") or {}
-    total = 0
-    for ref in (mixer.get("reference"), (mixer.get("options") or {}).get("prior_run")):
-        summary = read_summary(Path(ref)) if ref and Path(ref).is_dir() else None
-        if summary:
-            total += int(summary.get("steps") or 0) + int(summary.get("extra_steps") or 0)
-    return total
 
 
 def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def choose_baseline(methods: Sequence[str], baseline: str | None = None) -> tuple[str, str]:
-    """(baseline, note): the given one, else stratified when present, else the first method."""
+def choose_baseline(
+    methods: Sequence[str], baseline: str | None = None, strict: bool = True
+) -> tuple[str, str]:
+    """(baseline, note): the given one, else stratified when present, else the first method.
+
+    With ``strict=False`` a given baseline that is not among ``methods`` (a budget group
+    without it) falls back to the rule instead of being an error.
+    """
     if not methods:
         raise MixlabError("no finished run to compare.")
     if baseline and baseline != DEFAULT_BASELINE:
-        if baseline not in methods:
+        if baseline in methods:
+            return baseline, f"differences are from {baseline} (chosen as the baseline)"
+        if strict:
             raise MixlabError(
                 f"baseline '{baseline}' has no finished run; methods: {', '.join(methods)}."
             )
-        return baseline, f"differences are from {baseline} (chosen as the baseline)"
     if DEFAULT_BASELINE in methods:
         return DEFAULT_BASELINE, f"differences are from {DEFAULT_BASELINE} (uniform mixture)"
     return methods[0], (
@@ -187,15 +213,48 @@ def build_comparison(
 ) -> Comparison:
     """The comparison of the finished runs among ``runs`` (unfinished ones are left out).
 
-    Methods appear in ``order`` (names not in it follow, in order of first appearance).
+    Methods appear in ``order`` (names not in it follow, in order of first appearance). Runs
+    of different budgets are never paired: with several budgets the result has one group per
+    budget (see ``Comparison.groups``).
     """
     finished = [r for r in runs if r.finished]
+    if not finished:
+        raise MixlabError("no finished run to compare.")
+    by_budget: dict[Budget, list[Run]] = {}
+    for r in finished:
+        by_budget.setdefault(Budget.of(r), []).append(r)
+    if len(by_budget) == 1:
+        return _build_group(finished, baseline, order, strict=True)
+    labels = sorted({r.label or r.mixer for r in finished})
+    if baseline and baseline != DEFAULT_BASELINE and baseline not in labels:
+        raise MixlabError(
+            f"baseline '{baseline}' has no finished run; methods: {', '.join(labels)}."
+        )
+    groups = [
+        _build_group(by_budget[b], baseline, order, strict=False) for b in sorted(by_budget)
+    ]
+    first = groups[0]
+    return Comparison(
+        baseline=first.baseline,
+        baseline_note=first.baseline_note,
+        domains=list(dict.fromkeys(d for g in groups for d in g.domains)),
+        methods=[m for g in groups for m in g.methods],
+        runs=[r for g in groups for r in g.runs],
+        context={k: v for k, v in first.context.items() if k in ("model", "data_dir")},
+        groups=groups,
+    )
+
+
+def _build_group(
+    finished: Sequence[Run], baseline: str | None, order: Sequence[str] | None, strict: bool
+) -> Comparison:
+    """The comparison of finished runs that share one budget."""
     rows = [_run_row(r) for r in finished]
     methods: list[str] = [m for m in (order or []) if any(r.method == m for r in rows)]
     for r in rows:
         if r.method not in methods:
             methods.append(r.method)
-    base, note = choose_baseline(methods, baseline)
+    base, note = choose_baseline(methods, baseline, strict=strict)
     base_by_seed = {r.seed: r for r in rows if r.method == base}
 
     paired = [_with_pair(r, base_by_seed[r.seed]) if r.seed in base_by_seed else r for r in rows]
@@ -305,10 +364,36 @@ _MODEL_KEYS = ("kind", "d_model", "n_layer", "n_head", "hf_name", "name")
 
 
 def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
-    """The comparison as Markdown: header, main table, per-domain table, per-seed table, notes."""
+    """The comparison as Markdown: header, main table, per-domain table, per-seed table, notes.
+
+    With several budgets (``cmp.groups``): a line saying so, then one section per budget with
+    its own tables, then the notes once."""
+    if not cmp.groups:
+        lines = [f"# {title}", "", *_group_lines(cmp, level=2)]
+        return "\n".join(lines + _notes(cmp.baseline, cmp.baseline_note)) + "\n"
+    texts = "; ".join(g.budgets[0].text for g in cmp.groups)
+    lines = [
+        f"# {title}",
+        "",
+        f"These runs have {len(cmp.groups)} different training budgets ({texts}): one table "
+        "per budget. Runs of different budgets are not compared: differences are paired only "
+        "between runs of the same budget and seed, from the baseline of that budget.",
+        "",
+    ]
+    for k, g in enumerate(cmp.groups, 1):
+        lines += [f"## Budget {k} of {len(cmp.groups)}: {g.budgets[0].text}", ""]
+        lines += _group_lines(g, level=3)
+        lines += [f"In this budget, {g.baseline_note}.", ""]
+    return "\n".join(lines + _notes(None, "")) + "\n"
+
+
+def _group_lines(cmp: Comparison, level: int) -> list[str]:
+    """Facts, the main table and the per-domain and per-seed tables of one budget's comparison,
+    sub-headings at Markdown ``level``."""
     n_seeds = len(cmp.seeds)
     base = cmp.baseline
-    lines = [f"# {title}", ""]
+    hashes = "#" * level
+    lines: list[str] = []
     ctx = cmp.context
     facts = [f"{len(cmp.methods)} method(s) × {n_seeds} seed(s) ({', '.join(map(str, cmp.seeds))})"]
     if ctx.get("steps"):
@@ -358,14 +443,14 @@ def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
     lines.append("")
 
     if cmp.domains:
-        lines += ["## Test perplexity per domain", ""]
+        lines += [f"{hashes} Test perplexity per domain", ""]
         lines += [_row(["method", *cmp.domains]), _row(["---"] + ["---:"] * len(cmp.domains))]
         for m in cmp.methods:
             lines.append(_row([m.method] + [_pm(m.domain_ppl[d]) for d in cmp.domains]))
         lines.append("")
 
     if n_seeds > 1:
-        lines += [f"## Paired difference from {base} per seed (average test PPL)", ""]
+        lines += [f"{hashes} Paired difference from {base} per seed (average test PPL)", ""]
         seeds = cmp.seeds
         lines += [
             _row(["method", *[f"seed {s}" for s in seeds], "mean ± std", "within noise"]),
@@ -383,21 +468,27 @@ def to_markdown(cmp: Comparison, title: str = "Comparison") -> str:
                 )
             )
         lines.append("")
+    return lines
 
-    lines += [
+
+def _notes(base: str | None, baseline_note: str) -> list[str]:
+    """The notes under the tables; ``base`` None: several budgets, each with its baseline."""
+    who = base or "the baseline of its budget"
+    return [
         "Notes:",
-        f"- Values are mean ± sample standard deviation over seeds; {cmp.baseline_note}.",
-        f"- Δ is paired: method minus {base} at the same seed (same initial model, same "
+        "- Values are mean ± sample standard deviation over seeds; "
+        + (f"{baseline_note}." if base else "each budget's baseline is named in its table."),
+        f"- Δ is paired: method minus {who} at the same seed (same initial model, same "
         "evaluation subsets), then averaged over seeds; negative = lower perplexity = better.",
         f"- `~` marks a difference within noise: {NOISE_RULE}; `(n=1)`: one seed, noise unknown.",
         f"- Average test PPL is the mean of the per-domain test perplexities. "
-        f"Time vs {base} is the mean over seeds of the paired ratio of wall times. "
+        f"Time vs {who} is the mean over seeds of the paired ratio of wall times. "
         "Extra steps are training steps a method used outside its run: those of its reference "
         "model's run (DoReMi) or prior run (Aioli), branches it trained to measure (Skill-It), "
-        "and proxy runs that chose its mixture (`mixlab sweep --final`, `mixlab doremi`); "
+        "and proxy runs that chose its mixture (`mixlab sweep --final`, `mixlab doremi`), as "
+        "the run's summary.json counts them; "
         "total steps = the run's own steps + extra steps, the compute behind the result.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _row(cells: Sequence[str]) -> str:
@@ -431,6 +522,15 @@ def to_csv(cmp: Comparison) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
+    for group in cmp.groups or [cmp]:
+        _csv_rows(writer, group, cmp.domains)
+    return buf.getvalue()
+
+
+def _csv_rows(writer: csv.DictWriter, cmp: Comparison, domains: list[str]) -> None:
+    """The rows of one budget's comparison; ``domains``: every group's (empty cells where a
+    group lacks one)."""
+    (budget,) = cmp.budgets or [Budget(0, 0)]
     for r in cmp.runs:
         writer.writerow(
             {
@@ -448,7 +548,7 @@ def to_csv(cmp: Comparison) -> str:
                 "time_ratio": _csv(r.time_ratio),
                 "extra_steps": r.extra_steps,
                 "total_steps": r.total_steps,
-                **{f"ppl_{d}": _csv(r.domain_ppl.get(d)) for d in cmp.domains},
+                **{f"ppl_{d}": _csv(r.domain_ppl.get(d)) for d in domains},
             }
         )
     for m in cmp.methods:
@@ -457,6 +557,8 @@ def to_csv(cmp: Comparison) -> str:
                 "method": m.method,
                 "seed": stat,
                 "baseline": cmp.baseline,
+                "steps": budget.steps,
+                "tokens": budget.tokens,
                 "avg_test_ppl": _csv(getattr(m.avg_ppl, stat)),
                 "diff_avg_ppl": _csv(getattr(m.diff, stat)),
                 "target_loss": _csv(getattr(m.target_loss, stat)),
@@ -472,7 +574,6 @@ def to_csv(cmp: Comparison) -> str:
                 row["n_paired"] = m.diff.n
                 row["within_noise"] = "" if m.within_noise is None else str(m.within_noise).lower()
             writer.writerow(row)
-    return buf.getvalue()
 
 
 def _csv(v: float | None) -> str:
