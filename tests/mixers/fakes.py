@@ -44,6 +44,7 @@ class FakeSignals:
     counts: np.ndarray | None = None
     eval: np.ndarray | None = None
     reference: np.ndarray | None = None
+    excess: np.ndarray | None = None
     branch: Callable[[np.ndarray, int], np.ndarray] | None = None
     calls: list[str] = field(default_factory=list)
     branch_calls: list[tuple[np.ndarray, int]] = field(default_factory=list)
@@ -66,6 +67,9 @@ class FakeSignals:
     def reference_losses(self) -> np.ndarray:
         return self._get("reference_losses", self.reference)
 
+    def excess_losses(self) -> np.ndarray:
+        return self._get("excess_losses", self.excess)
+
     def target_loss(self) -> float:
         raise ConfigError("no target configured in this fake")
 
@@ -85,6 +89,19 @@ class FakeSignals:
             direction_sq_norm=abs(self.align_scale) * float(rng.uniform(0.5, 2.0)),
             probe_values=self.align_scale * rng.normal(size=(probes, domains.size)),
         )
+
+    def domain_gradient_gram(self, counts, target=False, target_windows=0):
+        """A seeded Gram matrix G = V V^T of random per-domain gradients V [m (+1), 5], scaled
+        like the alignments; rows/columns of domains with count 0 are NaN."""
+        self.calls.append("domain_gradient_gram")
+        counts = np.asarray(counts)
+        rng = np.random.default_rng([self.align_seed, self.step + 1, 19])
+        v = rng.normal(size=(counts.size + int(target), 5))
+        g = np.abs(self.align_scale) * (v @ v.T)
+        absent = np.flatnonzero(counts == 0)
+        g[absent, :] = np.nan
+        g[:, absent] = np.nan
+        return g
 
     def learning_rate(self) -> float:
         return 1e-3
@@ -142,12 +159,17 @@ def synthetic_signals(m: int, batch: int, regime: str = "normal", seed: int = 0)
         train[absent] = np.nan
         reference[absent] = np.nan
         deltas = scale * rng.uniform(-0.5, 1.0, size=(m, m))
+        # Per-token clipped excess (DoReMi): >= the clipped difference of the means; drawn last
+        # so that the other signals keep their values.
+        with np.errstate(invalid="ignore"):
+            excess = np.maximum(train - reference, 0.0) + scale * rng.uniform(0.0, 1.0, size=m)
         fake = FakeSignals(
             step,
             train=train,
             counts=counts,
             eval=ev,
             reference=reference,
+            excess=excess,
             branch=lambda mix, steps: deltas[: len(mix)],
         )
         # Alignments are products of two gradients: they scale with the loss squared.

@@ -1,4 +1,7 @@
-"""ODM: the EXP3 schedule, importance-weighted rewards and both estimators, by hand."""
+"""ODM: the EXP3 schedule, importance-weighted rewards and the estimators, by hand and against
+plain-Python re-implementations of the reference updaters (alon-albalak/online-data-mixing
+``megatron/data/data_sampling_utils.py``, ``group_update`` of Exp3WeightUpdater and
+SmoothedMeanWeightUpdater)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from mixlab.mixers.odm import (
     exp3_probabilities,
     exploration_rate,
     importance_rewards,
+    linear_probabilities,
+    smoothed_exp_update,
     smoothed_update,
 )
 
@@ -121,8 +126,8 @@ def test_exp3_sequence_hand_computed():
     )
 
 
-def test_smoothed_sequence_hand_computed():
-    plans = run(odm(variant="smoothed", smoothing=0.9))
+def test_smoothed_iw_sequence_hand_computed():
+    plans = run(odm(variant="smoothed_iw", smoothing=0.9))
     for got, exp in zip(plans, expected(smoothing=0.9)):
         np.testing.assert_allclose(got, exp, rtol=1e-14)
 
@@ -137,7 +142,7 @@ def test_warmup_keeps_uniform_and_ignores_rewards():
     np.testing.assert_array_equal(mixer.plan(2).weights, [1 / 3] * 3)
 
 
-@pytest.mark.parametrize("variant", ["exp3", "smoothed"])
+@pytest.mark.parametrize("variant", ["exp3", "smoothed", "smoothed_iw"])
 def test_long_run_is_stable_and_keeps_exploring(variant):
     mixer = odm(m=3, total=5000, variant=variant)
     for step in range(5000):
@@ -161,3 +166,135 @@ def test_long_run_is_stable_and_keeps_exploring(variant):
 def test_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         odm(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the reference updaters, re-implemented here with plain floats (issue 13, findings 6, 9).
+
+
+def reference_group_updates(batches, m, variant, smoothing=0.9, warmup=0):
+    """The reference's mixed-minibatch loop (megatron/training.py:1175-1267) around
+    ``group_update`` (data_sampling_utils.py:421-453 for exp3, 501-528 for smoothed_mean), with
+    plain floats: each step, the domains present in the batch report their mean loss; the
+    updater is not called during warm-up (training.py:1047) nor when iteration <= warmup
+    (UpdateScheduler.requires_update, line 320). Returns the weights before every step and after
+    the last."""
+    weights = [1.0 / m] * m
+    probs = list(weights)
+    eps, prev_eps = 1.0 / m, None
+    est = [0.0] * m
+    out = [list(probs)]
+    for iteration, (counts, losses) in enumerate(batches, start=1):
+        if iteration > warmup:
+            prev_eps = eps
+            eps = min(1.0 / m, math.sqrt(math.log(m) / (m * iteration)))
+            for k in range(m):
+                if counts[k]:
+                    if variant == "exp3":
+                        est[k] += (losses[k] / 10) / probs[k]
+                    else:
+                        est[k] = smoothing * est[k] + (1 - smoothing) * math.exp(losses[k])
+            if variant == "exp3":
+                total = sum(math.exp(r * prev_eps) for r in est)
+                scale = (1 - m * eps) / total
+                weights = [math.exp(est[k] * prev_eps) * scale + eps for k in range(m)]
+            else:
+                total = sum(r * prev_eps for r in est)
+                scale = (1 - m * eps) / total
+                weights = [est[k] * prev_eps * scale + eps for k in range(m)]
+            probs = [w / sum(weights) for w in weights]
+        out.append(list(probs))
+    return out
+
+
+def random_batches(steps, m, seed, one_domain=False):
+    """Seeded (counts, losses) per step, batch 4: losses in [0.5, 6]; some domains absent."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(steps):
+        if one_domain:
+            counts = np.zeros(m, dtype=np.int64)
+            counts[rng.integers(m)] = 4
+        else:
+            counts = np.bincount(rng.integers(m, size=4), minlength=m)
+        losses = np.where(counts > 0, rng.uniform(0.5, 6.0, size=m), np.nan)
+        batches.append((counts.tolist(), losses.tolist()))
+    return batches
+
+
+def drive_odm(mixer, batches):
+    plans = []
+    for step, (counts, losses) in enumerate(batches):
+        plans.append(mixer.plan(step).weights)
+        mixer.observe(step, FakeSignals(step, counts=np.array(counts), train=np.array(losses)))
+    plans.append(mixer.plan(len(batches)).weights)
+    return np.array(plans)
+
+
+@pytest.mark.parametrize("smoothing", [0.9, 0.5])
+def test_smoothed_follows_the_reference_smoothed_mean_updater(smoothing):
+    """Finding 6: the reference smooths exp(loss) (no 1/π, no /10) and takes π ∝ R. 400 steps
+    of mixed batches with absent domains, 4 domains, warm-up 20. Tolerance: the mixer keeps
+    log R (logaddexp) where the reference keeps R; each update rounds both by a few ulp and the
+    moving average contracts old errors by α < 1, so the error stays ~1e-15 relative; 1e-12
+    leaves room and still catches any change of the rule (the old rule differs by > 0.1)."""
+    m, batches = 4, random_batches(400, 4, seed=3)
+    got = drive_odm(odm(m=m, total=400, variant="smoothed", smoothing=smoothing, warmup_steps=20),
+                    batches)
+    want = np.array(reference_group_updates(batches, m, "smoothed", smoothing, warmup=20))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    assert np.abs(got[-1] - 0.25).max() > 0.05  # it moved
+
+
+def test_exp3_first_update_after_warmup_follows_the_reference():
+    """Finding 9: the reference's updater keeps ε of its previous call (1/m before the first),
+    so the first update after warm-up uses 1/m, not ε_{t-1}. One domain per batch (the
+    reference's group_update adds r/π once per present domain; with one domain n_k/b = 1, so the
+    two coincide). 300 steps, warm-up 50. Tolerance: R̂ sums ~250 terms of float64 in the same
+    order in both, and π = a softmax of ε·R̂ with ε·R̂ = O(10): relative error ~1e-14."""
+    m, batches = 3, random_batches(300, 3, seed=7, one_domain=True)
+    got = drive_odm(odm(m=m, total=300, warmup_steps=50), batches)
+    want = np.array(reference_group_updates(batches, m, "exp3", warmup=50))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_first_update_after_warmup_by_hand():
+    """t = 11 after 10 warm-up steps, domain 0 alone with loss 3: R̂ = [0.3 / (1/3), 0, 0] and
+    π = (1 - 3 ε_11) softmax(ε_prev R̂) + ε_11 with ε_prev = 1/3 (not ε_10 = sqrt(ln 3 / 30))."""
+    mixer = odm(warmup_steps=10)
+    for step in range(10):
+        mixer.observe(step, FakeSignals(step, counts=np.array([4, 0, 0]), train=np.array([9.0, NAN, NAN])))
+    mixer.observe(10, FakeSignals(10, counts=np.array([4, 0, 0]), train=np.array([3.0, NAN, NAN])))
+    eps = math.sqrt(math.log(3) / 33)
+    s = softmax([0.9 / 3, 0.0, 0.0])
+    np.testing.assert_allclose(mixer.plan(11).weights, [(1 - 3 * eps) * v + eps for v in s], rtol=1e-15)
+
+
+def test_smoothed_gives_an_unlearnable_domain_the_most_mass():
+    """ODM's reward is the training loss, so a random-token domain (loss stuck at ln V) is
+    *up*-weighted: that is the method's semantics. With every domain in every batch at constant
+    losses r, R_k = (1 - α^n) exp(r_k) after n updates: the common factor cancels in π ∝ R, so
+    from the first update on π = (1 - m ε_t) softmax(r) + ε_t exactly (hand derivation)."""
+    r = np.array([math.log(64), 2.0, 1.5])  # domain 0: uniform guess over a 64-token vocabulary
+    mixer = odm(variant="smoothed", total=200)
+    for step in range(200):
+        mixer.observe(step, FakeSignals(step, counts=np.array([2, 1, 1]), train=r))
+        eps = exploration_rate(step + 1, 3)
+        e = np.exp(r - r.max())
+        # 1e-14: softmax of log R vs of r: a few ulp of R's recursion (see the test above).
+        np.testing.assert_allclose(mixer.plan(step + 1).weights, (1 - 3 * eps) * e / e.sum() + eps,
+                                   rtol=1e-14)
+    assert int(np.argmax(mixer.plan(200).weights)) == 0
+
+
+def test_smoothed_exp_update_and_linear_probabilities_by_hand():
+    logR = smoothed_exp_update(np.array([math.log(2.0), -np.inf, 0.0]), np.array([1.0, 2.0, NAN]),
+                               np.array([True, True, False]), 0.9)
+    np.testing.assert_allclose(np.exp(logR), [0.9 * 2 + 0.1 * math.e, 0.1 * math.e**2, 1.0],
+                               rtol=1e-15)
+    p = linear_probabilities(np.array([0.0, math.log(3.0), -np.inf]), 0.1)
+    np.testing.assert_allclose(p, [0.7 * 0.25 + 0.1, 0.7 * 0.75 + 0.1, 0.1], rtol=1e-15)
+    # A loss that overflows exp() stays finite: all the exploitable mass on that domain.
+    p = linear_probabilities(smoothed_exp_update(np.full(2, -np.inf), np.array([1e30, 1.0]),
+                                                 np.array([True, True]), 0.9), 0.25)
+    np.testing.assert_allclose(p, [0.75, 0.25])

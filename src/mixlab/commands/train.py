@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any
 
@@ -64,13 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or f"runs/{cfg.mixer.name}-seed{cfg.train.seed}"
     summary = train(cfg, out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr))
-    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the run dir (torchrun)
-        from mixlab.config import to_dict
-        from mixlab.report.runs import account_input_steps
-
-        # The steps of the runs this one read (DoReMi's reference model, Aioli's prior_run)
-        # are extra compute of the method: counted in summary.json, where tables read them.
-        summary = account_input_steps(out, to_dict(cfg))
     test = summary["test"]
     print(json.dumps({"run": out, "avg_test_ppl": test["avg_ppl"], "test_ppl": test["ppl"]}, indent=2))
     return 0

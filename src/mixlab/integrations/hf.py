@@ -86,6 +86,7 @@ from mixlab.mixers.base import (
     mixer_class,
     resolve_plan,
 )
+from mixlab.mixers.doremi import clipped_token_excess
 from mixlab.model import sequence_losses
 from mixlab.model.hf import require_transformers
 from mixlab.train.checkpoint import to_plain
@@ -96,7 +97,7 @@ from mixlab.train.distributed import (
     check_same_on_all_ranks,
 )
 from mixlab.train.evaluate import EvalSet
-from mixlab.train.signals import per_domain_mean
+from mixlab.train.signals import per_domain_mean, token_cross_entropy
 from mixlab.weighting.config import WeightingConfig
 from mixlab.weighting.dwm import DataWeighter, load_net
 
@@ -240,6 +241,9 @@ class _ActiveStep:
     current: int | None = None
     """Index of the micro-batch whose forward ran and whose loss is not computed yet."""
     lr: float = float("nan")
+    token_losses: list[torch.Tensor | None] | None = None
+    """Detached per-token losses [micro, T] of each micro-batch, kept only for a mixer that
+    asks for them (``wants_token_losses``: DoReMi's per-token excess)."""
 
 
 class HFStepSignals:
@@ -254,6 +258,7 @@ class HFStepSignals:
         domains: np.ndarray | None,
         tokens: torch.Tensor | None,
         lr: float,
+        token_losses: torch.Tensor | None = None,
     ):
         self.step = step
         self._owner = owner
@@ -261,7 +266,9 @@ class HFStepSignals:
         self._domains = domains
         self._tokens = tokens
         self._lr = lr
+        self._token_losses = token_losses
         self._reference: np.ndarray | None = None
+        self._excess: np.ndarray | None = None
 
     def train_losses(self) -> np.ndarray:
         m = self._owner.m
@@ -285,6 +292,19 @@ class HFStepSignals:
                 ref = self._owner.reference_sample_losses(self._tokens)
                 self._reference = per_domain_mean(ref, self._domains, self._owner.m)
         return self._reference.copy()
+
+    def excess_losses(self) -> np.ndarray:
+        """[m] per-domain mean over tokens of max(ℓ - ℓ_ref, 0), clipped per token (DoReMi,
+        ``mixlab.train.signals.StepSignals.excess_losses``), with ℓ from the training forward."""
+        if self._excess is None:
+            if self._tokens is None or self._domains is None or self._token_losses is None:
+                self._excess = np.full(self._owner.m, np.nan)
+            else:
+                ref = self._owner.reference_token_losses(self._tokens)
+                local = clipped_token_excess(self._token_losses.numpy(), ref.numpy())
+                gathered = all_gather_array(local, self._owner._ranks)
+                self._excess = per_domain_mean(gathered, self._domains, self._owner.m)
+        return self._excess.copy()
 
     def learning_rate(self) -> float:
         return self._lr
@@ -582,6 +602,7 @@ class MixlabCallback(TrainerCallback):
         self._active = _ActiveStep(
             step=step, plan=plan, batch=batch, factors=loss_factors(plan),
             micro=self._micro, losses=[None] * ga,
+            token_losses=[None] * ga if getattr(self.mixer, "wants_token_losses", False) else None,
         )
 
     def _fill_inputs(
@@ -650,7 +671,12 @@ class MixlabCallback(TrainerCallback):
             )
         b = active.micro
         targets = active.batch.tokens[k * b : (k + 1) * b, 1:].to(logits.device, non_blocking=True)
-        losses = per_sample_cross_entropy(logits, targets)
+        if active.token_losses is not None:
+            tok = token_cross_entropy(logits, targets)
+            losses = tok.mean(dim=1)  # the ops of per_sample_cross_entropy: the same values
+            active.token_losses[k] = tok.detach()
+        else:
+            losses = per_sample_cross_entropy(logits, targets)
         factors = self._sample_factors(active, k, losses)
         weighted = losses if factors is None else losses * factors.to(losses.device)
         loss = weighted.sum() / (b * len(active.losses))
@@ -714,8 +740,11 @@ class MixlabCallback(TrainerCallback):
         factors = np.ones(self.m) if active.factors is None else active.factors
         finite = bool(np.all(np.isfinite(losses)))
         if finite:
+            token_losses = None
+            if active.token_losses is not None and all(t is not None for t in active.token_losses):
+                token_losses = torch.cat(active.token_losses).float().cpu()  # type: ignore[arg-type]
             signals = HFStepSignals(
-                active.step, self, losses, domains, active.batch.tokens, active.lr
+                active.step, self, losses, domains, active.batch.tokens, active.lr, token_losses
             )
             self.mixer.observe(active.step, signals)
         else:
@@ -783,6 +812,23 @@ class MixlabCallback(TrainerCallback):
             logits = _logits(self.reference_model(input_ids=chunk[:, :-1], use_cache=False))
             out.append(per_sample_cross_entropy(logits, chunk[:, 1:]).float().cpu())
         return all_gather_array(torch.cat(out).numpy(), self._ranks)
+
+    @torch.no_grad()
+    def reference_token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token losses [n, T] (float32, CPU) of the reference model on this rank's
+        ``tokens`` [n, T+1] (not gathered)."""
+        if self.reference_model is None:
+            raise ConfigError(
+                f"mixer '{self.mixer_name}' needs a reference model: pass "
+                "MixlabCallback(..., reference_model=model) with a model trained on the "
+                "reference mixture (e.g. stratified)."
+            )
+        out = []
+        for start in range(0, tokens.shape[0], self._eval_bs):
+            chunk = tokens[start : start + self._eval_bs].to(self._device)
+            logits = _logits(self.reference_model(input_ids=chunk[:, :-1], use_cache=False))
+            out.append(token_cross_entropy(logits, chunk[:, 1:]).float().cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ checkpoints
 

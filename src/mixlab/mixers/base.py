@@ -99,6 +99,12 @@ class Signals(Protocol):
         ConfigError when no reference model is configured (DoReMi needs one)."""
         ...
 
+    def excess_losses(self) -> np.ndarray:
+        """[m] DoReMi's excess loss of this step's batch per domain: the mean over the domain's
+        tokens of max(ℓ_proxy - ℓ_ref, 0), clipped per token; NaN for a domain with no sample.
+        Raises ConfigError when no reference model is configured."""
+        ...
+
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
         """For each row of ``mixtures`` [k, m], train a *copy* of the current model (and
         optimizer state) for ``steps`` steps on batches drawn from that mixture, and return the
@@ -129,6 +135,15 @@ class Signals(Protocol):
         random subset of that many probe windows, new at every step (bounds its cost). Returns values [N], domains [N], ``<v, P v>`` and probe values
         [probes, N] (``mixlab.signals.alignment.SampleAlignments``). Every call draws new batches.
         Raises ConfigError for a ``"target"`` direction without a target."""
+        ...
+
+    def domain_gradient_gram(
+        self, counts: np.ndarray, target: bool = False, target_windows: int = 0
+    ) -> np.ndarray:
+        """[k, k] Gram matrix <g_a, g_b> of the per-domain mean-loss gradients of the current
+        model on one fresh auxiliary batch with ``counts[i]`` samples of domain i (one backward
+        per domain; k = m), and with ``target`` of the target's probe gradient as row/column m
+        (k = m + 1). NaN rows/columns for a domain with count 0 (DoGE's published estimator)."""
         ...
 
     def alignment(

@@ -1,40 +1,52 @@
-"""DoGE: domain reweighting with generalisation estimation, on the alignment engine.
+"""DoGE: domain reweighting with generalisation estimation.
 
 Fan, Pagliardini, Jaggi, "DoGE: Domain Reweighting with Generalization Estimation" (ICML 2024,
-arXiv 2310.15393); reference code Olivia-fsm/DoGE (``DoGETrainer.update_domain_weights``).
-A proxy model trains on Σ_i α_i ℓ_i while α follows how much a step on each domain reduces
-the objective. Every ``update_every`` steps (0-based step s updates when (s + 1) %
-update_every == 0), with learning rate lr_t of the step:
+arXiv 2310.15393); reference code Olivia-fsm/DoGE at 88400e9 (``src/trainer.py``,
+``update_domain_weights_distributed``, lines 719-770, the path of the published
+``config/doge.json``). A proxy model trains on Σ_i α_i ℓ_i while α follows how much a step on
+each domain reduces the objective. Every ``update_every`` steps (0-based step s updates when
+(s + 1) % update_every == 0), with learning rate lr_t of the step:
 
-    W_i = <g_i, v>          v = Σ_j g_j ("generic": the sum of the domain gradients), or
-                            v = g_target ("target": the target's probe gradient)
-    s_i = clip(lr_t · W_i / (mean_i ||g_i|| + 1e-6), lr_t · dw_min, lr_t · dw_max)
+    ĝ_i = clip(∇ mean-loss of domain i, C)     each domain's gradient clipped to norm C
+                                                (``torch.nn.utils.clip_grad_norm_``, lines
+                                                733-734; C = the trainer's max_grad_norm)
+    W_i = Σ_{j≠i} <ĝ_i, ĝ_j>   "generic"       (line 754: scores_mat.sum(-1) - diag)
+    W_i = <ĝ_i, ĝ_target>      "target"        (line 756; the target gradient clipped too)
+    s_i = clip(lr_t · W_i / (mean_i ||ĝ_i|| + 1e-6), lr_t · dw_min, lr_t · dw_max)
     log α ← log α + s / μ ;  α ← softmax(log α) ;  α ← (1 - ε) α + ε / m
     ᾱ ← running mean of α over updates     (the proxy's output, returned by plan(total_steps))
 
 The proxy's update Σ_i α_i g_i is loss re-weighting: with ``apply = "loss"`` (published) the
 batch is drawn uniformly and a sample of domain i has its loss multiplied by α_i / q_i
 (``Plan.loss_weights``); ``apply = "sample"`` draws domains by α instead. Defaults follow the
-paper/DESIGN.md: μ = 0.01 (the code's default is 0.05), dw_min = 0, dw_max = 5, ε = 0.
+paper/DESIGN.md: μ = 0.01 (the code's default is 0.05), dw_min = 0, dw_max = 5, ε = 0, and
+C = ``grad_clip`` = 5 (``max_grad_norm`` of ``config/doge.json``). Differences from the
+reference that remain: the gradients are taken on a fresh auxiliary batch with equal counts per
+domain (the reference uses the training batch, drawn uniformly), the proxy step uses the
+trainer's loss re-weighting with the α of the previous update and the trainer's global clip
+(the reference steps on Σ α_i ĝ_i of the clipped gradients with the new α), and a domain
+without a sample keeps its previous score (the reference keeps its stale gradient row).
 
-How the engine computes it (no per-domain backward, no gradient buffers):
-- W_i is the mean over domain i's samples of the per-sample alignment ``<∇ℓ_x, v>`` on a
-  measurement batch with an equal number of samples per domain (one jvp, or two forwards).
-- "generic": v = Σ_j ĝ_j is one backward over a *second*, independent measurement batch (each
-  domain's mean loss summed). So W_i estimates Σ_j <g_i, g_j> over all j, the first-order drop
-  of Σ_j ℓ_j from a step on domain i (the paper's generalisation estimate). The reference code
-  drops the j = i term, because there both factors come from the same batch and <ĝ_i, ĝ_i>
-  carries the batch noise ||ĝ_i - g_i||²; with independent batches the cross term
-  <ĝ_i, ĝ'_i> has no noise bias (its mean is ||g_i||²), and it cannot be separated from the sum
-  without one backward per domain, so it is kept.
-- mean_i ||g_i|| (the published normaliser) comes from R = ``norm_probes`` seeded Gaussian
-  directions z_r measured on the same batch: <ĝ_i, z_r> ~ N(0, ||ĝ_i||²), so
-  ||ĝ_i|| ≈ sqrt(mean_r <ĝ_i, z_r>²) / c_R with c_R = E[sqrt(χ²_R / R)] (unbiased per domain).
-- The reference code clips each domain gradient to the trainer's max grad norm before taking
-  inner products (a side effect of its clipping call); the engine has no per-domain gradient
-  to clip, so that is not reproduced.
-A domain without a sample in a measurement keeps its previous score (as in the reference code,
-whose per-domain gradient buffer keeps the last gradient).
+Two estimators (``estimator``):
+- ``"gradients"`` (published, default): one backward per domain on one auxiliary batch
+  (``signals.domain_gradient_gram``: the Gram matrix of the per-domain gradients, plus the
+  target's); the clip and the sums above are exact. Memory: one gradient buffer per domain.
+- ``"alignments"`` (mixlab's engine, the rule before issue 13): no per-domain backward, no
+  buffers. W_i is the mean over domain i's samples of the per-sample alignment ``<∇ℓ_x, v>`` on
+  a measurement batch (one jvp, or two forwards); for "generic", v = Σ_j g'_j is one backward
+  over a *second*, independent batch, so W_i estimates Σ_j <g_i, g_j> over *all* j (the j = i
+  cross term <ĝ_i, ĝ'_i> of independent batches has no noise bias; it cannot be separated
+  without one backward per domain, so it is kept), and nothing is clipped (there is no
+  per-domain gradient to clip). mean_i ||g_i|| comes from R = ``norm_probes`` seeded Gaussian
+  directions z_r on the same batch: <ĝ_i, z_r> ~ N(0, ||ĝ_i||²), so ||ĝ_i|| ≈
+  sqrt(mean_r <ĝ_i, z_r>²) / c_R with c_R = E[sqrt(χ²_R / R)] (unbiased per domain).
+
+What it does with an unlearnable domain: DoGE reads gradients, not losses, so a high loss by
+itself earns nothing. A domain whose gradient is orthogonal to (or against) the others' or the
+target's scores 0 (the lower clip) while aligned domains score > 0, and its weight falls (the
+quadratic-world test). A shuffled-token copy of a domain is not such a domain: its gradient
+still pushes up the tokens of the domain it copies, and in a tiny 80-step run it kept 0.43 of
+the mass (the copied domain 0.45).
 """
 
 from __future__ import annotations
@@ -72,6 +84,41 @@ def gradient_norms(probe_values: np.ndarray, groups: np.ndarray, k: int) -> np.n
     return np.sqrt(np.mean(proj**2, axis=0)) / chi_mean(pv.shape[0])
 
 
+def clip_factors(norms: np.ndarray, max_norm: float) -> np.ndarray:
+    """[k] the factor ``torch.nn.utils.clip_grad_norm_`` multiplies a gradient of norm ``norms``
+    by: min(1, max_norm / (norm + 1e-6)); 1 everywhere when max_norm <= 0 (no clip)."""
+    n = np.asarray(norms, dtype=np.float64)
+    if max_norm <= 0:
+        return np.ones_like(n)
+    return np.minimum(1.0, max_norm / (n + 1e-6))
+
+
+def gram_alignments(
+    gram: np.ndarray, max_norm: float, objective: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """DoGE's W [m] and the clipped norms ||ĝ_i|| [m] from the Gram matrix ``gram`` [k, k] of
+    the unclipped per-domain gradients (k = m, or m + 1 with the target last for "target").
+
+    Clipping scales gradient a by c_a (``clip_factors``), so <ĝ_a, ĝ_b> = c_a c_b G_ab. "generic":
+    W_i = Σ_{j≠i} <ĝ_i, ĝ_j> over the measured domains j (reference ``src/trainer.py:754``);
+    "target": W_i = <ĝ_i, ĝ_target> (line 756). NaN for a domain without gradient (NaN
+    diagonal)."""
+    g = np.asarray(gram, dtype=np.float64)
+    k = g.shape[0]
+    m = k - 1 if objective == "target" else k
+    diag = np.diag(g)
+    measured = np.isfinite(diag)
+    norms = np.sqrt(np.where(measured, np.maximum(diag, 0.0), np.nan))
+    c = clip_factors(norms, max_norm)
+    gc = np.where(np.outer(measured, measured), g * np.outer(c, c), 0.0)
+    if objective == "target":
+        w = gc[:m, m] if measured[m] else np.full(m, np.nan)
+    else:
+        w = gc.sum(axis=1) - np.diag(gc)
+    w = np.where(measured[:m], w, np.nan)
+    return w, (c * norms)[:m]
+
+
 def doge_scores(
     w: np.ndarray, mean_norm: float, lr: float, dw_min: float, dw_max: float
 ) -> np.ndarray:
@@ -101,6 +148,13 @@ class DoGE(Mixer):
 
     @dataclass
     class Config:
+        estimator: Literal["gradients", "alignments"] = "gradients"
+        """'gradients': per-domain gradients, clipped, Σ_{j≠i} (published); 'alignments':
+        mixlab's engine (no per-domain backward, keeps j = i, no clip). See the module doc."""
+        grad_clip: float = 5.0
+        """C: each domain's gradient is clipped to this norm before the inner products
+        (reference: the trainer's max_grad_norm, 5.0 in config/doge.json); 0 = no clip.
+        'gradients' only."""
         objective: Literal["generic", "target"] = "generic"
         """'generic': align each domain with the sum of the domain gradients (generalisation to
         the training domains); 'target': with the target's probe gradient (out-of-domain)."""
@@ -118,12 +172,13 @@ class DoGE(Mixer):
         """'loss': sample uniformly and weight the loss by α (the published proxy update
         Σ α_i g_i); 'sample': sample domains by α."""
         method: Literal["jvp", "fd"] = "jvp"
-        """Alignment engine: 'jvp' (exact) or 'fd' (finite difference)."""
+        """'alignments': the engine's method, 'jvp' (exact) or 'fd' (finite difference)."""
         align_samples: int = 0
         """Samples per measurement (0 = the global batch size), split evenly over the domains;
-        the 'generic' direction draws the same number again for v."""
+        with 'alignments' the 'generic' direction draws the same number again for v."""
         norm_probes: int = 4
-        """Gaussian directions used to estimate mean_i ||g_i|| (each costs one more jvp)."""
+        """'alignments': Gaussian directions used to estimate mean_i ||g_i|| (each costs one more
+        jvp)."""
 
         def __post_init__(self) -> None:
             if not (np.isfinite(self.mu) and self.mu > 0):
@@ -132,10 +187,12 @@ class DoGE(Mixer):
                 raise ConfigError(f"need finite dw_min <= dw_max, got {self.dw_min}, {self.dw_max}.")
             if not 0.0 <= self.eps <= 1.0:
                 raise ConfigError(f"eps must be in [0, 1], got {self.eps}.")
+            if not (np.isfinite(self.grad_clip) and self.grad_clip >= 0):
+                raise ConfigError(f"grad_clip must be a finite number >= 0, got {self.grad_clip}.")
             if self.update_every < 1 or self.norm_probes < 1 or self.align_samples < 0:
                 raise ConfigError("update_every and norm_probes must be >= 1, align_samples >= 0.")
             choices = {"objective": ("generic", "target"), "apply": ("loss", "sample"),
-                       "method": ("jvp", "fd")}
+                       "method": ("jvp", "fd"), "estimator": ("gradients", "alignments")}
             for name, allowed in choices.items():
                 if getattr(self, name) not in allowed:
                     raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {allowed}.")
@@ -164,10 +221,14 @@ class DoGE(Mixer):
         m = self.ctx.m
         total = cfg.align_samples or self.ctx.batch_size
         counts = stratified_counts(m, total, self.updates * total)
-        direction = "domains" if cfg.objective == "generic" else "target"
-        res = signals.sample_alignments(counts, direction, cfg.method, False, cfg.norm_probes)
-        w = group_mean(res.values, res.domains, m)
-        norms = gradient_norms(res.probe_values, res.domains, m)
+        if cfg.estimator == "gradients":
+            gram = signals.domain_gradient_gram(counts, target=cfg.objective == "target")
+            w, norms = gram_alignments(gram, cfg.grad_clip, cfg.objective)
+        else:
+            direction = "domains" if cfg.objective == "generic" else "target"
+            res = signals.sample_alignments(counts, direction, cfg.method, False, cfg.norm_probes)
+            w = group_mean(res.values, res.domains, m)
+            norms = gradient_norms(res.probe_values, res.domains, m)
         measured = np.isfinite(w) & np.isfinite(norms)
         if not measured.any():
             return

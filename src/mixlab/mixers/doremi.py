@@ -22,19 +22,34 @@ they are ordinary steps.
 
 Update (every ``update_every`` steps; 0-based step s updates when (s + 1) % update_every == 0):
 
-    s_i    = max(ℓ_proxy,i - ℓ_ref,i, 0)       per domain, from this step's batch
+    s_i    = mean over domain i's tokens in the batch of max(ℓ_proxy - ℓ_ref, 0)   (per token)
     log α ← log α + η s ;  α ← softmax(log α)  (renormalise)
     α     ← (1 - ε) α + ε / m
     ᾱ     ← running mean of α over updates   (the output)
 
-ℓ are the per-domain mean per-sample losses of the batch (``signals.train_losses()`` before
-loss weighting, ``signals.reference_losses()``), so the clip applies to the domain mean; the
-published code clips every token's excess before averaging (a per-token signal the trainer does
-not provide). With ``update_every > 1`` s_i is the sample-weighted mean of the per-step s_i over
-the steps since the last update. A domain with no sample since the last update (or a non-finite
-loss) keeps its previous s_i, as in the published code. The published code updates α from the
-current batch before that batch's backward pass; here the update follows the step, so the loss
-of step t is weighted by the α of step t - 1.
+The clip is per token, then the mean over the domain's tokens, as in the paper and the reference
+(sangmichaelxie/doremi at 7cde52d, ``doremi/trainer.py:252``: ``torch.clip(scores[domain_mask]
+[perdomain_scores_mask], min=0).mean()`` over the domain's per-token excess losses): a domain
+where the proxy is much worse on some tokens and better on others has a large score, although
+its mean excess may be 0. ``signals.excess_losses()`` gives these per-domain means (see
+``mixlab.train.signals``). ``clip = "domain"`` is mixlab's earlier rule, kept by name: clip the
+difference of the per-domain mean losses, max(mean ℓ_proxy - mean ℓ_ref, 0) (``signals
+.train_losses()`` before loss weighting, ``signals.reference_losses()``); it is never larger
+than the per-token score and can pick the opposite winner.
+
+With ``update_every > 1`` s_i is the sample-weighted mean of the per-step s_i over the steps
+since the last update (every sample has the same number of tokens, so this is the token mean,
+as the reference's mean over its accumulated micro-batches). A domain with no sample since the
+last update (or a non-finite loss) keeps its previous s_i, as in the published code. The
+published code updates α from the current batch before that batch's backward pass; here the
+update follows the step, so the loss of step t is weighted by the α of step t - 1.
+
+What it does with an unlearnable domain (random or shuffled tokens): the score is the proxy's
+excess over the reference, not the loss, so a high loss earns nothing by itself; but the
+per-token excess is >= 0 and stays positive wherever the two models' token losses differ, so
+nothing drives such a domain down either (in a tiny 80-step run with a shuffled-token copy of a
+domain the output gave it 0.07 of the mass and its last α was 0.49). DoReMi is not a filter
+for unlearnable data.
 """
 
 from __future__ import annotations
@@ -56,6 +71,17 @@ def excess_losses(train: np.ndarray, reference: np.ndarray) -> np.ndarray:
     diff = np.asarray(train, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.where(np.isnan(diff), np.nan, np.maximum(diff, 0.0))
+
+
+def clipped_token_excess(proxy: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """[n] per-sample mean over tokens of max(proxy - reference, 0), from per-token losses
+    ``proxy`` and ``reference`` [n, T] (the reference clips every token, ``doremi/trainer.py
+    :252``); NaN for a sample with a NaN token loss."""
+    diff = np.asarray(proxy, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if diff.ndim != 2:
+        raise ValueError(f"per-token losses must be [n, T], got shape {diff.shape}.")
+    with np.errstate(invalid="ignore"):
+        return np.maximum(diff, 0.0).mean(axis=1)  # NaN propagates through maximum and mean
 
 
 def doremi_update(alpha: np.ndarray, scores: np.ndarray, eta: float, eps: float) -> np.ndarray:
@@ -94,6 +120,10 @@ class DoReMi(Mixer):
         sampling: Literal["uniform", "alpha"] = "uniform"
         """'uniform': sample uniformly and weight the loss by α (published); 'alpha': sample
         domains by α and leave the loss unweighted."""
+        clip: Literal["token", "domain"] = "token"
+        """'token': clip every token's excess loss at 0, then average per domain (published,
+        ``doremi/trainer.py:252``); 'domain': clip the per-domain mean excess (mixlab's rule
+        before issue 13)."""
 
         def __post_init__(self) -> None:
             if not (np.isfinite(self.eta) and self.eta >= 0):
@@ -102,6 +132,8 @@ class DoReMi(Mixer):
                 raise ConfigError(f"eps must be in [0, 1], got {self.eps}.")
             if self.update_every < 1:
                 raise ConfigError(f"update_every must be >= 1, got {self.update_every}.")
+            if self.clip not in ("token", "domain"):
+                raise ConfigError(f"clip {self.clip!r} is not one of 'token', 'domain'.")
 
     def __init__(self, config: Config, ctx: MixerContext):
         super().__init__(config, ctx)
@@ -114,6 +146,9 @@ class DoReMi(Mixer):
         # Sample-weighted sums of the per-step excess since the last update.
         self.acc_sum = np.zeros(m)
         self.acc_n = np.zeros(m)
+        self.wants_token_losses = config.clip == "token"
+        """Tells a trainer that keeps the per-token losses of its training forward to hand them
+        to the signals (``excess_losses`` then needs no second forward of the proxy)."""
 
     def plan(self, step: int) -> Plan:
         if step >= self.ctx.total_steps:  # after the run: the proxy's output, the average α
@@ -124,7 +159,10 @@ class DoReMi(Mixer):
 
     def observe(self, step: int, signals: Signals) -> None:
         counts = np.asarray(signals.train_counts(), dtype=np.float64)
-        excess = excess_losses(signals.train_losses(), signals.reference_losses())
+        if self.config.clip == "token":
+            excess = np.asarray(signals.excess_losses(), dtype=np.float64)
+        else:
+            excess = excess_losses(signals.train_losses(), signals.reference_losses())
         seen = (counts > 0) & np.isfinite(excess)
         self.acc_sum[seen] += counts[seen] * excess[seen]
         self.acc_n[seen] += counts[seen]

@@ -42,6 +42,7 @@ from mixlab.mixers.base import (
     resolve_plan,
 )
 from mixlab.model import build_model, count_parameters, per_sample_loss
+from mixlab.report.runs import with_input_steps
 from mixlab.train import fsdp
 from mixlab.train.checkpoint import (
     list_checkpoints,
@@ -66,7 +67,7 @@ from mixlab.train.distributed import (
 from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
 from mixlab.train.preempt import StopRequests
 from mixlab.train.schedule import lr_at
-from mixlab.train.signals import StepSignals
+from mixlab.train.signals import StepSignals, token_cross_entropy
 from mixlab.train.target import TargetSet, load_target
 from mixlab.train.weighting import RunWeighting
 
@@ -204,6 +205,7 @@ class Trainer:
         self.weighting = RunWeighting(self) if cfg.weighting.enabled else None
 
         self.state = LoopState(weights_sum=[0.0] * self.m)
+        self._step_token_losses: torch.Tensor | None = None
         self.window = _LogWindow(self.m)
         self._eval_cache: dict[tuple[str, int], Any] = {}
         self.config_dict = to_dict(cfg)
@@ -316,6 +318,10 @@ class Trainer:
         micro = b // t.grad_accum
         sample_losses = []
         sample_weights = []
+        # DoReMi's per-token excess reads the token losses of this very forward (pre-step θ).
+        keep_tokens = bool(getattr(self.mixer, "wants_token_losses", False))
+        token_losses: list[torch.Tensor] = []
+        self._step_token_losses = None
         total = 0.0
         for k in range(t.grad_accum):
             sl = slice(k * micro, (k + 1) * micro)
@@ -328,7 +334,12 @@ class Trainer:
                 sync = fsdp.no_sync(self.model) if self.sharded else self.train_model.no_sync()
             with sync:
                 with self.autocast():
-                    losses = per_sample_loss(self.train_model, tokens)
+                    if keep_tokens:  # token_cross_entropy(...).mean(1) is per_sample_loss's ops
+                        tok = token_cross_entropy(self.train_model(tokens[:, :-1]), tokens[:, 1:])
+                        losses = tok.mean(dim=1)
+                        token_losses.append(tok.detach().float().cpu())
+                    else:
+                        losses = per_sample_loss(self.train_model, tokens)
                 weighted = losses if factors is None else losses * factors[sl].to(self.device)
                 if self.weighting is not None:
                     sw = self.weighting.micro_weights(
@@ -354,6 +365,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
         self.optimizer.step()
+        if keep_tokens:
+            self._step_token_losses = torch.cat(token_losses)
         # Mixers see the whole global batch: losses and domains gathered in rank order.
         # Each rank's loss is its local mean (DDP/FSDP average the gradients): their mean is the
         # global batch's mean loss.
@@ -502,7 +515,8 @@ class Trainer:
             self.state.nonfinite_streak = 0
             loss, sample_losses, domains, tokens = result
             self.window.add(loss, sample_losses, domains)
-            self.mixer.observe(step, StepSignals(step, self, sample_losses, domains, tokens))
+            self.mixer.observe(step, StepSignals(step, self, sample_losses, domains, tokens,
+                                                 token_losses=self._step_token_losses))
         done = self.state.step
         elapsed = time.perf_counter() - t0
         if done % t.log_every == 0 or done == t.steps:
@@ -579,7 +593,9 @@ class Trainer:
         metrics.close()
         self.state.elapsed_s = time.perf_counter() - t0
         self.checkpoint()
-        summary = self._summary()
+        # The steps of the runs this one read (DoReMi's reference, Aioli's prior_run) are the
+        # method's extra compute: counted here, once, where every caller of train() gets them.
+        summary = with_input_steps(self._summary(), self.config_dict)
         weights = self._model_weights()
         if self.is_main:
             save_model(weights, self.out / "model.safetensors")

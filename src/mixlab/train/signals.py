@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mixlab.errors import ConfigError
+from mixlab.mixers.doremi import clipped_token_excess
 from mixlab.signals.alignment import (
     METHODS,
     Direction,
@@ -56,8 +57,48 @@ def per_domain_mean(values: np.ndarray, domains: np.ndarray, m: int) -> np.ndarr
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every token, float32 [b, T] in nats, from ``logits``
+    [b, T, V] (any float dtype) and ``targets`` LongTensor [b, T]; autocast off. Its mean over
+    dim 1 is ``mixlab.model.sequence_losses`` (the same ops: bit-identical)."""
+    b, t, v = logits.shape
+    if targets.shape != (b, t):
+        raise ValueError(f"targets must be [{b}, {t}], got {tuple(targets.shape)}.")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none"
+        )
+    return losses.view(b, t)
+
+
+@torch.no_grad()
+def model_token_losses(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Per-token losses [n, T] (float32, CPU) of ``model`` on ``tokens`` [n, T+1], in eval mode
+    (no dropout, no RNG drawn; the mode is restored), one forward as the trainer's reference
+    pass (``Trainer.reference_sample_losses``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = tokens.to(device)
+        with autocast():
+            logits = model(x[:, :-1])
+        return token_cross_entropy(logits, x[:, 1:]).cpu()
+    finally:
+        model.train(was_training)
+
+
 class StepSignals:
-    """Signals of one finished step. Every expensive value is computed on first use only."""
+    """Signals of one finished step. Every expensive value is computed on first use only.
+
+    ``token_losses`` [b_local, T], when the trainer gives it, holds the per-token losses of this
+    rank's rows of the batch from the training forward (before the optimizer step); without it
+    ``excess_losses`` runs the model once more on the batch, after the step.
+    """
 
     def __init__(
         self,
@@ -66,12 +107,14 @@ class StepSignals:
         sample_losses: np.ndarray | None,
         domains: np.ndarray | None,
         batch_tokens: torch.Tensor | None,
+        token_losses: torch.Tensor | None = None,
     ):
         self.step = step
         self._trainer = trainer
         self._losses = sample_losses
         self._domains = domains
         self._tokens = batch_tokens
+        self._token_losses = token_losses
         self._cache: dict[str, object] = {}
 
     def _cached(self, key: str, fn: Callable[[], object]) -> object:
@@ -106,6 +149,35 @@ class StepSignals:
 
         return self._cached("reference", compute)  # type: ignore[return-value]
 
+    def excess_losses(self) -> np.ndarray:
+        """[m] DoReMi's per-domain excess loss of this step's batch: the mean over the domain's
+        tokens of max(ℓ_proxy - ℓ_ref, 0), clipped per token (sangmichaelxie/doremi
+        ``doremi/trainer.py:252``); NaN for a domain with no sample.
+
+        ℓ_proxy comes from the training forward when the trainer passed ``token_losses`` (the
+        reference's order: the excess of the batch the proxy is trained on, before its step);
+        otherwise from one more forward of the model after the optimizer step, which reads each
+        loss one step late (slightly lower on the batch just trained on).
+        """
+
+        def compute() -> np.ndarray:
+            tr = self._trainer
+            if self._tokens is None or self._domains is None:
+                return np.full(tr.m, np.nan)
+            if tr.reference is None:
+                raise ConfigError(
+                    f"mixer '{tr.cfg.mixer.name}' needs a reference model: set mixer.reference "
+                    "to a finished run dir (e.g. a stratified run)."
+                )
+            ref = model_token_losses(tr.reference, self._tokens, tr.device, tr.autocast)
+            proxy = self._token_losses
+            if proxy is None:
+                proxy = model_token_losses(tr.model, self._tokens, tr.device, tr.autocast)
+            local = clipped_token_excess(proxy.float().cpu().numpy(), ref.numpy())
+            return per_domain_mean(all_gather_array(local, tr.dist), self._domains, tr.m)
+
+        return self._cached("excess", compute)  # type: ignore[return-value]
+
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
         mixtures = np.atleast_2d(np.asarray(mixtures, dtype=np.float64))
         if mixtures.shape[1] != self._trainer.m:
@@ -127,6 +199,12 @@ class StepSignals:
             self._trainer, self.step, counts, direction, method, precondition, probes, self._cache,
             target_windows,
         )
+
+    def domain_gradient_gram(
+        self, counts: np.ndarray, target: bool = False, target_windows: int = 0
+    ) -> np.ndarray:
+        return domain_gradient_gram(self._trainer, self.step, counts, target, target_windows,
+                                    self._cache)
 
     def alignment(
         self,
@@ -305,6 +383,62 @@ def domains_gradient(trainer: Trainer, counts: np.ndarray) -> Direction:
                           autocast=trainer.autocast)
         grads = {n: grads[n] + g[n] for n in grads}
     return _all_reduce_direction(trainer, grads)
+
+
+def domain_gradients(trainer: Trainer, counts: np.ndarray) -> list[Direction | None]:
+    """[m] ∇ mean_{x in domain i} ℓ_x of each domain on one fresh auxiliary batch with
+    ``counts`` [m] samples per domain (None for a domain with count 0): the per-domain gradients
+    of DoGE's reference (Olivia-fsm/DoGE ``src/trainer.py:722-737``, one backward per domain).
+    Memory: one gradient buffer per domain. Under ``torchrun`` each rank differentiates its rows
+    and every gradient is all-reduced (the same collectives on every rank)."""
+    grads: list[Direction | None] = [
+        {n: torch.zeros_like(p, dtype=torch.float32)
+         for n, p in trainer.model.named_parameters() if p.requires_grad} if c > 0 else None
+        for c in counts
+    ]
+    for part in _draw(trainer, counts):
+        for i, g in enumerate(grads):
+            rows = np.flatnonzero(part.domains == i)
+            if g is None or rows.size == 0:
+                continue
+            w = torch.full((rows.size,), 1.0 / float(counts[i]), dtype=torch.float32)
+            gi = loss_gradient(trainer.model, part.tokens[torch.from_numpy(rows)], w,
+                               chunk_size=trainer.cfg.eval.batch_size, autocast=trainer.autocast)
+            for n in g:
+                g[n] += gi[n]
+    return [None if g is None else _all_reduce_direction(trainer, g) for g in grads]
+
+
+def domain_gradient_gram(
+    trainer: Trainer,
+    step: int,
+    counts: np.ndarray,
+    target: bool = False,
+    target_windows: int = 0,
+    cache: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """[k, k] float64 Gram matrix G_ab = <g_a, g_b> of the per-domain mean-loss gradients of
+    ``domain_gradients`` (k = m) and, with ``target``, of the target's probe gradient as row and
+    column m (k = m + 1; ``target_windows`` as in ``measure_alignments``, cached per step).
+    Rows and columns of a domain with count 0 are NaN."""
+    c = _check_counts(trainer, counts)
+    if int(c.sum()) <= 0:
+        raise ConfigError("domain_gradient_gram needs at least one sample.")
+    grads = domain_gradients(trainer, c)
+    if target:
+        cache = {} if cache is None else cache
+        key = f"direction:target:{target_windows}"
+        if key not in cache:
+            cache[key] = target_gradient(trainer, target_windows, step)
+        grads.append(cache[key])
+    k = len(grads)
+    gram = np.full((k, k), np.nan)
+    for a in range(k):
+        for b in range(a, k):
+            ga, gb = grads[a], grads[b]
+            if ga is not None and gb is not None:
+                gram[a, b] = gram[b, a] = dot(ga, gb)
+    return gram
 
 
 def _probe_seed(trainer: Trainer, step: int, r: int) -> int:
