@@ -230,7 +230,14 @@ def test_text_target_histogram_uses_the_cluster_assignment(tiny_data, tmp_path, 
 ])
 def test_two_ranks_measure_like_one_process(tiny_data, tmp_path, mixer):
     """Under torchrun every rank measures its slice and gathers: both ranks hold the same
-    weights, equal to a one-process run's (up to DDP's gradient rounding)."""
+    weights, equal to a one-process run's up to the rounding of the measurement itself.
+
+    The one process accumulates the ranks' two micro-batches, so both train the very same
+    model, bit for bit (test_distributed.py). What differs is only how each alignment (DGA) or
+    domain-gradient inner product (DoGE) is reduced: per rank, then gathered, instead of in one
+    pass, i.e. float32 sums in another grouping, off by about u·Σ|terms| with u = 6e-8 and
+    Σ|terms| of order 1 here. The weights are exp(η Σ_k a_k) normalised, η = 1, 12 updates: so
+    |Δw| <= 12 · 6e-8 · O(1) ≈ 1e-6 whatever the CPU (2e-10 measured on AMD EPYC)."""
     from tests.train.conftest import tiny_overrides
     from tests.train.test_distributed import _run
 
@@ -240,7 +247,8 @@ def test_two_ranks_measure_like_one_process(tiny_data, tmp_path, mixer):
     extra = [*mixer, "target.domain='c'", "target.docs=6"]
     (_, s0, mix0, _), (_, s1, mix1, _) = _run(2, tiny_data, tmp_path / "ddp", extra)
     assert mix0 == mix1 and s0["weights_final"] == s1["weights_final"]
-    one = train(load_config(None, tiny_overrides(tiny_data, extra)), tmp_path / "one")
+    one = train(load_config(None, tiny_overrides(tiny_data, [*extra, "train.grad_accum=2"])),
+                tmp_path / "one")
     for d in one["domains"]:
-        assert s0["weights_final"][d] == pytest.approx(one["weights_final"][d], abs=1e-4)
+        assert s0["weights_final"][d] == pytest.approx(one["weights_final"][d], abs=1e-6)
     assert max(abs(v - 1 / 3) for v in one["weights_final"].values()) > 1e-2
