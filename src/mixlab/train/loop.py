@@ -30,6 +30,7 @@ import torch
 
 from mixlab import __version__
 from mixlab.config import to_dict
+from mixlab.data.budget import RepetitionBudget
 from mixlab.data.format import DataDir, write_json_atomic
 from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import CheckpointError, ConfigError, MixlabError, Stopped
@@ -65,6 +66,7 @@ from mixlab.train.distributed import (
     init_from_env,
 )
 from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
+from mixlab.train.memory import check_memory
 from mixlab.train.preempt import StopRequests
 from mixlab.train.schedule import lr_at
 from mixlab.train.signals import StepSignals, token_cross_entropy
@@ -151,6 +153,8 @@ class Trainer:
             self.data.manifest.domain(d)  # clear error for an unknown domain
         self.m = len(self.domains)
         seq = cfg.data.seq_len
+        # Refuse a config that cannot fit before allocating anything (the kernel would kill it).
+        check_memory(cfg, self.data.vocab_size, self.device, world_size, use_bf16)
         self.train_tokens = np.array(
             [self.data.split(d, "train").n_tokens for d in self.domains], dtype=np.int64
         )
@@ -174,6 +178,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.sampler = MixtureSampler(
             self.data, "train", seq, t.batch_size, t.seed, rank, world_size, self.domains
+        )
+        # data.max_epochs: a per-domain repetition budget applied in _resolve_plan (None = none).
+        self.budget = RepetitionBudget.from_config(
+            cfg.data.max_epochs, cfg.data.budget_pace, self.domains, self.sampler.n_windows,
+            t.steps, t.batch_size,
         )
         # A second, independent data stream for batches a method draws to *measure* something
         # (alignment probes, ...): it never moves the training stream, and it is checkpointed.
@@ -299,7 +308,12 @@ class Trainer:
         }
 
     def _resolve_plan(self, plan: Plan) -> Plan:
-        return resolve_plan(plan, self.m, self.cfg.mixer.apply, self.cfg.mixer.name)
+        plan = resolve_plan(plan, self.m, self.cfg.mixer.apply, self.cfg.mixer.name)
+        if self.budget is None:
+            return plan
+        # The budgeted plan is what is sampled, logged and summed into weights_avg; its state
+        # is the sampler's (checkpointed) drawn counts, so a resumed run projects identically.
+        return self.budget.apply(plan, self.sampler.windows_drawn, self.sampler.step)
 
     def train_step(self, plan: Plan) -> tuple[float, np.ndarray, np.ndarray, torch.Tensor] | None:
         """One optimizer step. Returns (loss, per-sample losses, domains, tokens) or None if skipped."""
@@ -558,6 +572,8 @@ class Trainer:
             f"{self.cfg.data.seq_len} tokens, device {self.device}"
             + (f" (from step {self.state.step})" if resumed else "")
         )
+        for note in self.data.notes:
+            log(f"note: {note}")
         if not resumed:
             self.mixer.start(StepSignals(-1, self, None, None, None))
         metrics = _MetricsWriter(self.out / "metrics.jsonl", self.is_main, self.cfg.log.tensorboard)
