@@ -88,6 +88,7 @@ from mixlab.mixers.base import (
 )
 from mixlab.mixers.doremi import clipped_token_excess
 from mixlab.model import sequence_losses
+from mixlab.model import token_losses as per_token_cross_entropy
 from mixlab.model.hf import require_transformers
 from mixlab.train.checkpoint import to_plain
 from mixlab.train.distributed import (
@@ -97,7 +98,7 @@ from mixlab.train.distributed import (
     check_same_on_all_ranks,
 )
 from mixlab.train.evaluate import EvalSet
-from mixlab.train.signals import per_domain_mean, token_cross_entropy
+from mixlab.train.signals import per_domain_mean
 from mixlab.weighting.config import WeightingConfig
 from mixlab.weighting.dwm import DataWeighter, load_net
 
@@ -672,7 +673,7 @@ class MixlabCallback(TrainerCallback):
         b = active.micro
         targets = active.batch.tokens[k * b : (k + 1) * b, 1:].to(logits.device, non_blocking=True)
         if active.token_losses is not None:
-            tok = token_cross_entropy(logits, targets)
+            tok = per_token_cross_entropy(logits, targets)
             losses = tok.mean(dim=1)  # the ops of per_sample_cross_entropy: the same values
             active.token_losses[k] = tok.detach()
         else:
@@ -806,12 +807,7 @@ class MixlabCallback(TrainerCallback):
                 "MixlabCallback(..., reference_model=model) with a model trained on the "
                 "reference mixture (e.g. stratified)."
             )
-        out = []
-        for start in range(0, tokens.shape[0], self._eval_bs):
-            chunk = tokens[start : start + self._eval_bs].to(self._device)
-            logits = _logits(self.reference_model(input_ids=chunk[:, :-1], use_cache=False))
-            out.append(per_sample_cross_entropy(logits, chunk[:, 1:]).float().cpu())
-        return all_gather_array(torch.cat(out).numpy(), self._ranks)
+        return all_gather_array(self.reference_token_losses(tokens).mean(dim=1).numpy(), self._ranks)
 
     @torch.no_grad()
     def reference_token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -827,7 +823,7 @@ class MixlabCallback(TrainerCallback):
         for start in range(0, tokens.shape[0], self._eval_bs):
             chunk = tokens[start : start + self._eval_bs].to(self._device)
             logits = _logits(self.reference_model(input_ids=chunk[:, :-1], use_cache=False))
-            out.append(token_cross_entropy(logits, chunk[:, 1:]).float().cpu())
+            out.append(per_token_cross_entropy(logits, chunk[:, 1:]).float().cpu())
         return torch.cat(out)
 
     # ------------------------------------------------------------------ checkpoints

@@ -157,11 +157,12 @@ def per_sample_loss(
     return sequence_losses(logits, targets)
 
 
-def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sample, float32 [b] in nats/token.
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every token, float32 [b, T] in nats.
 
     ``logits`` [b, T, V] (any float dtype) for inputs ``tokens[:, :-1]``; ``targets`` LongTensor
-    [b, T] = ``tokens[:, 1:]``. Computed in float32 with autocast off.
+    [b, T] = ``tokens[:, 1:]``. Computed in float32 with autocast off (bf16 log-softmax over a
+    large vocabulary loses the small differences mixers compare).
     """
     b, t, v = logits.shape
     if targets.shape != (b, t):
@@ -170,7 +171,13 @@ def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
         losses = F.cross_entropy(
             logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none"
         )
-    return losses.view(b, t).mean(dim=1)
+    return losses.view(b, t)
+
+
+def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample, float32 [b] in nats/token: the mean over
+    dim 1 of ``token_losses`` (so a caller that keeps the token losses gets the same bits)."""
+    return token_losses(logits, targets).mean(dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -42,7 +42,7 @@ from mixlab.mixers.base import (
     loss_factors,
     resolve_plan,
 )
-from mixlab.model import build_model, count_parameters, per_sample_loss
+from mixlab.model import build_model, count_parameters, per_sample_loss, token_losses
 from mixlab.report.runs import with_input_steps
 from mixlab.train import fsdp
 from mixlab.train.checkpoint import (
@@ -69,7 +69,7 @@ from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
 from mixlab.train.memory import check_memory
 from mixlab.train.preempt import StopRequests
 from mixlab.train.schedule import lr_at
-from mixlab.train.signals import StepSignals, token_cross_entropy
+from mixlab.train.signals import StepSignals
 from mixlab.train.target import TargetSet, load_target
 from mixlab.train.weighting import RunWeighting
 
@@ -334,7 +334,7 @@ class Trainer:
         sample_weights = []
         # DoReMi's per-token excess reads the token losses of this very forward (pre-step θ).
         keep_tokens = bool(getattr(self.mixer, "wants_token_losses", False))
-        token_losses: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
         self._step_token_losses = None
         total = 0.0
         for k in range(t.grad_accum):
@@ -348,10 +348,10 @@ class Trainer:
                 sync = fsdp.no_sync(self.model) if self.sharded else self.train_model.no_sync()
             with sync:
                 with self.autocast():
-                    if keep_tokens:  # token_cross_entropy(...).mean(1) is per_sample_loss's ops
-                        tok = token_cross_entropy(self.train_model(tokens[:, :-1]), tokens[:, 1:])
+                    if keep_tokens:  # token_losses(...).mean(1) is per_sample_loss's ops
+                        tok = token_losses(self.train_model(tokens[:, :-1]), tokens[:, 1:])
                         losses = tok.mean(dim=1)
-                        token_losses.append(tok.detach().float().cpu())
+                        kept.append(tok.detach().float().cpu())
                     else:
                         losses = per_sample_loss(self.train_model, tokens)
                 weighted = losses if factors is None else losses * factors[sl].to(self.device)
@@ -380,7 +380,7 @@ class Trainer:
                 return None
         self.optimizer.step()
         if keep_tokens:
-            self._step_token_losses = torch.cat(token_losses)
+            self._step_token_losses = torch.cat(kept)
         # Mixers see the whole global batch: losses and domains gathered in rank order.
         # Each rank's loss is its local mean (DDP/FSDP average the gradients): their mean is the
         # global batch's mean loss.

@@ -21,6 +21,7 @@ import torch
 
 from mixlab.errors import ConfigError
 from mixlab.mixers.doremi import clipped_token_excess
+from mixlab.model import token_losses
 from mixlab.signals.alignment import (
     METHODS,
     Direction,
@@ -57,20 +58,6 @@ def per_domain_mean(values: np.ndarray, domains: np.ndarray, m: int) -> np.ndarr
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of every token, float32 [b, T] in nats, from ``logits``
-    [b, T, V] (any float dtype) and ``targets`` LongTensor [b, T]; autocast off. Its mean over
-    dim 1 is ``mixlab.model.sequence_losses`` (the same ops: bit-identical)."""
-    b, t, v = logits.shape
-    if targets.shape != (b, t):
-        raise ValueError(f"targets must be [{b}, {t}], got {tuple(targets.shape)}.")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        losses = torch.nn.functional.cross_entropy(
-            logits.float().reshape(b * t, v), targets.reshape(b * t), reduction="none"
-        )
-    return losses.view(b, t)
-
-
 @torch.no_grad()
 def model_token_losses(
     model: torch.nn.Module,
@@ -87,7 +74,7 @@ def model_token_losses(
         x = tokens.to(device)
         with autocast():
             logits = model(x[:, :-1])
-        return token_cross_entropy(logits, x[:, 1:]).cpu()
+        return token_losses(logits, x[:, 1:]).cpu()
     finally:
         model.train(was_training)
 
