@@ -24,12 +24,38 @@ class DataConfig:
     """Train on these domains only (in this order); empty = every domain of the data dir."""
     seq_len: int = 128
     """Tokens per training sample (each sample reads seq_len + 1 tokens)."""
+    max_epochs: float | dict[str, float] | None = None
+    """Repetition budget: train on at most this many passes over a domain's training windows
+    (a number for every domain, or a table domain -> number; a domain missing from the table,
+    or given 0, has no budget). Unset = no budget. Every mixer's plan is projected onto the
+    mixtures that keep each domain within what is left of its budget (mixlab.data.budget);
+    a run the budget cannot fill (sum of budgets < steps x batch) is refused before it starts."""
+    budget_pace: Literal["greedy", "even"] | None = None
+    """With max_epochs: 'greedy' (unset) caps a domain only when this step could pass its
+    budget (it is then dropped from the mixture); 'even' caps its share at what is left of its
+    budget spread over the remaining steps, so its repetitions are spread over the run."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}.")
         if len(set(self.domains)) != len(self.domains):
             raise ConfigError(f"data.domains lists a domain twice: {self.domains}.")
+        budgets = (self.max_epochs.items() if isinstance(self.max_epochs, dict)
+                   else [("", self.max_epochs)] if self.max_epochs is not None else [])
+        for name, e in budgets:
+            # `not e >= 0` also refuses NaN.
+            if not (math.isfinite(e) and e >= 0):
+                key = f"data.max_epochs.{name}" if name else "data.max_epochs"
+                raise ConfigError(f"{key} must be a finite number >= 0 (0 = no budget), got {e}.")
+        if isinstance(self.max_epochs, dict) and self.domains:
+            unknown = [d for d in self.max_epochs if d not in self.domains]
+            if unknown:
+                raise ConfigError(
+                    f"data.max_epochs names {', '.join(map(repr, unknown))}, not in data.domains "
+                    f"({', '.join(self.domains)})."
+                )
+        if self.budget_pace is not None and self.max_epochs is None:
+            raise ConfigError("data.budget_pace needs data.max_epochs (the budget it paces).")
 
 
 @dataclass
