@@ -16,7 +16,7 @@ from mixlab.errors import MixlabError, Stopped
 
 COMMANDS = [
     "prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi", "sweep", "select",
-    "verify",
+    "verify", "export",
 ]
 
 

@@ -166,3 +166,32 @@ def test_without_transformers_mixlab_imports_and_hf_is_a_clear_error(monkeypatch
     with pytest.raises(Exception, match=r"pip install 'mixlab\[hf\]'") as info:
         fresh.build_model(cfg, V, S)
     assert type(info.value).__name__ == "ConfigError"
+
+
+def test_pretrained_embedding_larger_than_the_tokenizer_is_accepted(transformers, tmp_path, caplog):
+    # Embeddings padded past the tokenizer (72 rows for 64 ids, as models pad to a multiple
+    # of 64/128) are accepted: no data id reaches the extra rows, and their logit columns are
+    # left out, so the loss is the cross-entropy over the data's 64 ids.
+    torch.manual_seed(5)
+    fields = {k: v for k, v in GPT2.items() if k != "model_type"} | NO_DROPOUT
+    config = transformers.GPT2Config(**fields, vocab_size=72, bos_token_id=None, eos_token_id=None)
+    padded = transformers.GPT2LMHeadModel(config).eval()
+    padded.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="mixlab.model.hf"):
+        model = build_model(ModelConfig(kind="hf", hf_pretrained=str(tmp_path)), V, S).eval()
+    assert model.vocab_size == V and model.embedding_rows == 72
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mixlab.model.hf"]
+    assert "72 embedding rows for the data's 64 token ids; rows 64..71 are never sampled" in line
+    batch = tokens()
+    with torch.no_grad():
+        logits = model(batch[:, :-1])
+        full = padded(input_ids=batch[:, :-1]).logits  # transformers' own forward, all 72
+    assert logits.shape == (3, S, V)
+    torch.testing.assert_close(logits, full[..., :V], rtol=0, atol=0)
+    # Reference loss by hand: log-softmax over the first 64 columns only.
+    logp = full[..., :V].log_softmax(-1).gather(-1, batch[:, 1:, None])[..., 0]
+    # Same float32 ops in another order (cross_entropy's fused kernel): ~1e-7 relative.
+    torch.testing.assert_close(per_sample_loss(model, batch), -logp.mean(1), rtol=1e-6, atol=1e-6)
+    # A smaller embedding than the tokenizer still cannot work (ids past it): refused.
+    with pytest.raises(ConfigError, match="vocabulary of 72 ids but the data's tokenizer has 80"):
+        build_model(ModelConfig(kind="hf", hf_pretrained=str(tmp_path)), 80, S)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mixlab.data.prepare import PrepareConfig, prepare, summary_table
+from mixlab.data.tokenizer import default_eos_token
 
 _DEFAULTS = PrepareConfig()
 
@@ -32,12 +33,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="ids of the byte-level BPE to train (default: %(default)s)",
     )
     p.add_argument(
-        "--tokenizer", default="", help="use this tokenizer.json instead of training one"
+        "--tokenizer",
+        default="",
+        help="use this tokenizer instead of training one: a tokenizer.json, a local model "
+        "directory (anything transformers.AutoTokenizer loads) or a model name in the local "
+        "Hugging Face cache (never downloaded); its vocabulary decides the shard dtype",
     )
     p.add_argument(
         "--eos-token",
-        default=_DEFAULTS.eos_token,
-        help="special token ending each document (default: %(default)s)",
+        default=None,
+        help="special token ending each document (default: the eos_token of a model "
+        f"directory's or cached model's tokenizer, else {_DEFAULTS.eos_token})",
     )
     p.add_argument(
         "--tokenizer-sample-mb",
@@ -118,12 +124,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """The ``PrepareConfig`` the flags describe (validated)."""
     mb = args.max_mb_per_domain
+    eos = args.eos_token
+    if eos is None:
+        eos = default_eos_token(args.tokenizer) if args.tokenizer else _DEFAULTS.eos_token
     return PrepareConfig(
         source=args.source,
         out=args.out,
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
-        eos_token=args.eos_token,
+        eos_token=eos,
         tokenizer_sample_mb=args.tokenizer_sample_mb,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,

@@ -280,9 +280,8 @@ def inputs_hash(cfg: PrepareConfig, source: TextSource) -> str:
         options.pop(name)
     options["max_bytes_per_domain"] = max_bytes(cfg)
     if cfg.tokenizer:
-        options["tokenizer"] = (
-            bpe.sha256_file(cfg.tokenizer) if Path(cfg.tokenizer).is_file() else cfg.tokenizer
-        )
+        # A file's sha256 (as before), or the hash of what a model dir or cached name resolves to.
+        options["tokenizer"] = bpe.tokenizer_fingerprint(cfg.tokenizer)
     payload = {
         "pipeline": PIPELINE_VERSION,
         "format": FORMAT_VERSION,
@@ -325,20 +324,20 @@ def _train_or_copy_tokenizer(
     cfg: PrepareConfig,
     tmp: Path,
     say: Log,
-) -> tuple[Any, int]:
-    """The tokenizer to encode with, saved as ``tmp/tokenizer.json``; and the sample bytes per domain."""
+) -> tuple[Any, int, dict[str, Any]]:
+    """The tokenizer to encode with, saved as ``tmp/tokenizer.json`` with the transformers files
+    beside it; the sample bytes per domain; and the manifest's record of the tokenizer."""
     if given is not None:
-        # Copied byte for byte, so the manifest's hash is the hash of the user's file.
-        shutil.copyfile(cfg.tokenizer, tmp / TOKENIZER)
-        return given, 0
+        # A tokenizer.json is copied byte for byte, so the manifest's hash is the hash of the
+        # user's file; a model dir or cached name writes the tokenizer transformers uses.
+        return given, 0, bpe.write_tokenizer(tmp, cfg.tokenizer, cfg.eos_token)
     texts, per_domain = _tokenizer_sample(states, names, cfg)
     say(
         f"training a byte-level BPE ({cfg.vocab_size} ids) on up to "
         f"{per_domain / 1e6:.2f} MB per domain ..."
     )
     tok = bpe.train_bpe(texts, cfg.vocab_size, cfg.eos_token)
-    tok.save(str(tmp / TOKENIZER))
-    return tok, per_domain
+    return tok, per_domain, bpe.write_tokenizer(tmp, tok, cfg.eos_token)
 
 
 def _extra(
@@ -349,6 +348,7 @@ def _extra(
     trained: bool,
     sample_bytes: int,
     shards: int,
+    tokenizer: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest's free-form record of how the data dir was made."""
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION_OPTIONS}
@@ -364,7 +364,7 @@ def _extra(
         },
         "capped": {d: states[d].capped for d in names},
         "notes": list(source.notes),
-        "tokenizer": {"trained": trained, "sample_bytes_per_domain": sample_bytes},
+        "tokenizer": {"trained": trained, "sample_bytes_per_domain": sample_bytes, **tokenizer},
     }
     if source.label == BUILTIN:
         extra["builtin_sources"] = {d: BUILTIN_SOURCES[d] for d in names}
@@ -456,7 +456,9 @@ def prepare(
                 f"dropped {st.dropped}"
             )
 
-        tok, sample_bytes = _train_or_copy_tokenizer(given, states, names, cfg, tmp, say)
+        tok, sample_bytes, tok_record = _train_or_copy_tokenizer(
+            given, states, names, cfg, tmp, say
+        )
         vocab, eos = bpe.vocab_size(tok), bpe.eos_id(tok, cfg.eos_token)
         dtype = dtype_for_vocab(vocab)
         shards = shard_tokens(cfg, dtype)
@@ -506,7 +508,9 @@ def prepare(
             source=source.label,
             inputs_hash=digest,
             seed=cfg.seed,
-            extra=_extra(cfg, source, states, names, given is None, sample_bytes, shards),
+            extra=_extra(
+                cfg, source, states, names, given is None, sample_bytes, shards, tok_record
+            ),
         )
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
     return DataDir.open(out)

@@ -13,7 +13,8 @@ Where the model comes from (nothing is ever downloaded: no hub access):
 - ``HFCausalLM.from_pretrained(path, ...)``: weights from a local directory
   (``local_files_only=True``).
 
-Vocabulary policy (the data's tokenizer is mixlab's own BPE, not the model's):
+Vocabulary policy (the data's tokenizer is mixlab's own BPE, or the model's own when the data
+was prepared with ``--tokenizer MODEL_DIR``):
 
 - Randomly initialised models take the data's vocabulary size. A ``vocab_size`` in a config
   *file* is replaced (such files are usually copied architectures whose vocabulary belonged to
@@ -21,10 +22,14 @@ Vocabulary policy (the data's tokenizer is mixlab's own BPE, not the model's):
   that differs from the data's is refused: it states something that cannot hold. Special token
   ids (bos/eos/pad/...) that fall outside the new vocabulary are cleared to ``None``; mixlab
   computes the loss itself and never generates, so they are unused.
-- Pretrained models must have exactly the data's vocabulary size, otherwise ``ConfigError``.
-  Embeddings are never resized: new rows would be random and the existing rows belong to the
-  ids of another tokenizer, so a "resized" model would silently start from nonsense. Train
-  from the config instead, or tokenize the data with the model's tokenizer.
+- Pretrained models need an embedding of at least the data's vocabulary size (the data is
+  meant to be tokenized with the model's own tokenizer: ``mixlab prepare --tokenizer
+  MODEL_DIR``), otherwise ``ConfigError``. A larger one is common (embeddings padded to a
+  multiple of 64 or 128 for speed) and is accepted with a log line (logger
+  ``mixlab.model.hf``): the extra rows are never sampled, since no data id reaches them, and
+  their logits are left out (``forward`` returns the first ``vocab_size`` columns), so the
+  loss is a distribution over the ids the data can hold. Embeddings are never resized: new
+  rows would be random and a smaller model's rows belong to the ids of another tokenizer.
 
 Attention paths: ``"sdpa"`` maps to ``attn_implementation="sdpa"`` and ``"math"`` to
 ``"eager"`` (explicit softmax attention, which supports ``torch.func.jvp``). Switching at run
@@ -39,6 +44,7 @@ autocast in the trainer, and optimiser updates need float32 master weights.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -55,6 +61,8 @@ HF_ATTENTION: dict[str, str] = {"sdpa": "sdpa", "math": "eager"}
 """mixlab attention path -> ``transformers`` ``attn_implementation``."""
 
 _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+log = logging.getLogger(__name__)
 
 
 def require_transformers() -> ModuleType:
@@ -131,13 +139,21 @@ class HFCausalLM(nn.Module):
 
     ``forward(idx LongTensor [b, T]) -> logits [b, T, vocab_size]`` (float32 unless under
     autocast). The wrapped model is ``self.hf``. Build with ``from_config``/``from_pretrained``
-    or wrap an existing ``PreTrainedModel`` directly.
+    or wrap an existing ``PreTrainedModel`` directly. ``vocab_size`` (default: the embedding's
+    rows) may be smaller than the embedding: then only the first ``vocab_size`` logits are
+    returned (padded embedding rows no data id reaches).
     """
 
-    def __init__(self, model: nn.Module, attention: AttentionImpl = "sdpa") -> None:
+    def __init__(
+        self, model: nn.Module, attention: AttentionImpl = "sdpa", vocab_size: int | None = None
+    ) -> None:
         super().__init__()
         self.hf = model.to(torch.float32)
-        self.vocab_size: int = int(model.get_input_embeddings().weight.shape[0])
+        rows = int(model.get_input_embeddings().weight.shape[0])
+        if vocab_size is not None and not 1 <= vocab_size <= rows:
+            raise ConfigError(f"vocab_size must be in [1, {rows}] (the embedding's rows).")
+        self.embedding_rows = rows
+        self.vocab_size: int = rows if vocab_size is None else vocab_size
         self.attention = attention
 
     @classmethod
@@ -200,8 +216,9 @@ class HFCausalLM(nn.Module):
     ) -> HFCausalLM:
         """Weights from a local directory (``save_pretrained`` layout); never the hub.
 
-        ``overrides`` set config fields at load time (e.g. a dropout). The model's vocabulary
-        must equal ``vocab_size`` exactly (no resizing; see the module docstring).
+        ``overrides`` set config fields at load time (e.g. a dropout). The model's embedding
+        must have at least ``vocab_size`` rows; rows past it are never sampled and their
+        logits are left out (no resizing; see the module docstring).
         """
         transformers = require_transformers()
         check_attention(attention)
@@ -222,17 +239,23 @@ class HFCausalLM(nn.Module):
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load {where}: {exc}") from None
         n_vocab = int(model.get_input_embeddings().weight.shape[0])
-        if n_vocab != vocab_size:
+        if n_vocab < vocab_size:
             raise ConfigError(
                 f"{where} has a vocabulary of {n_vocab} ids but the data's tokenizer has "
                 f"{vocab_size}; mixlab does not resize embeddings (existing rows belong to "
-                "another tokenizer). Tokenize the data with the model's tokenizer, or train "
-                "from its config (model.hf_config) instead."
+                "another tokenizer). Tokenize the data with the model's tokenizer (mixlab "
+                "prepare --tokenizer MODEL_DIR), or train from its config (model.hf_config)."
             )
         _check_positions(model.config, seq_len, where)
+        if n_vocab > vocab_size:
+            log.warning(
+                "note: %s has %d embedding rows for the data's %d token ids; rows %d..%d are "
+                "never sampled and their logits are left out of the loss.",
+                where, n_vocab, vocab_size, vocab_size, n_vocab - 1,
+            )  # fmt: skip
         # transformers returns pretrained models in eval mode; every other model mixlab builds
         # starts in training mode, as any fresh nn.Module does.
-        return cls(model.train(), attention)
+        return cls(model.train(), attention, vocab_size)
 
     @property
     def attention(self) -> AttentionImpl:
@@ -263,4 +286,8 @@ class HFCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx LongTensor [b, T] -> logits [b, T, vocab_size]."""
-        return self.hf(input_ids=idx, use_cache=False).logits
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        if self.vocab_size < self.embedding_rows:
+            # Columns of padded rows: no target ever names them, so they leave the softmax.
+            logits = logits[..., : self.vocab_size]
+        return logits
