@@ -77,3 +77,45 @@ def test_text_target_without_cluster_assignment_asks_for_the_histogram(tiny_data
     cfg = tiny_config(tiny_data, "mixer.name='importance'", f"target.path='{tmp_path / 't'}'")
     with pytest.raises(ConfigError, match="mixer.options.histogram"):
         Trainer(cfg, tmp_path / "r").run()
+
+
+def crisp_ctx(tokens):
+    from mixlab.mixers import MixerContext
+
+    return MixerContext(["a", "b", "c", "d"], np.array(tokens, dtype=np.int64), total_steps=10,
+                        batch_size=8, seq_len=16, seed=0)  # fmt: skip
+
+
+# One or two float64 roundings of numbers <= 5: 8 ulps of 5 bounds the error of every value.
+TOL = 8 * 5 * np.finfo(np.float64).eps
+
+
+def test_crisp_mixture_and_importance_ratios_by_hand():
+    """Four clusters; the generic data holds 4000 : 3000 : 2000 : 1000 tokens, so
+    P(c | generic) = .4 .3 .2 .1; the target's 8 documents fall 1, 1, 2, 4 in them, so
+    P(c | target) = 1/8 1/8 2/8 4/8 and the CRISP weights (Grangier et al. 2024, arXiv
+    2410.03735) are w(c) = P(c | target) / P(c | generic) = .3125, .41666.., 1.25, 5."""
+    mixer = build_mixer("importance", {"histogram": {"a": 1, "b": 1, "c": 2, "d": 4}},
+                        crisp_ctx([4000, 3000, 2000, 1000]))  # fmt: skip
+    p = mixer.plan(0).weights
+    np.testing.assert_allclose(p, [0.125, 0.125, 0.25, 0.5], atol=TOL)
+    w = np.array(mixer.report()["importance_ratio"])
+    np.testing.assert_allclose(w, [0.3125, 0.125 / 0.3, 1.25, 5.0], atol=TOL)
+    # What makes the mixture CRISP: weighting generic documents by w(c) gives cluster c the mass
+    # P(c | generic) w(c) = P(c | target), by hand .4 * .3125 = .125, .3 * .41666 = .125, ...
+    np.testing.assert_allclose(np.array([0.4, 0.3, 0.2, 0.1]) * w, [0.125, 0.125, 0.25, 0.5],
+                               atol=TOL)  # fmt: skip
+
+
+def test_crisp_floor_by_hand():
+    """floor 0.2 > min h = 1/8: p = (1 - λ) h + λ / 4 with λ = (0.2 - 1/8) / (1/4 - 1/8) = 0.6,
+    p = 0.4 h + 0.15 = .2 .2 .25 .35; ratios p / P(c | generic) = .5 .666.. 1.25 3.5. A floor
+    below min h (0.1) changes nothing."""
+    ctx = crisp_ctx([4000, 3000, 2000, 1000])
+    hist = {"a": 1, "b": 1, "c": 2, "d": 4}
+    p = build_mixer("importance", {"histogram": hist, "floor": 0.2}, ctx)
+    np.testing.assert_allclose(p.plan(0).weights, [0.2, 0.2, 0.25, 0.35], atol=TOL)
+    np.testing.assert_allclose(p.report()["importance_ratio"], [0.5, 0.2 / 0.3, 1.25, 3.5],
+                               atol=TOL)  # fmt: skip
+    low = build_mixer("importance", {"histogram": hist, "floor": 0.1}, ctx)
+    np.testing.assert_allclose(low.plan(0).weights, [0.125, 0.125, 0.25, 0.5], atol=TOL)

@@ -120,3 +120,40 @@ def make_synthetic_datadir(
     )
     write_json_atomic(root / MANIFEST, manifest.to_json())
     return root
+
+
+def add_random_domains(
+    root: str | Path,
+    domains: dict[str, int],
+    doc_len: int = 50,
+    split_docs: dict[str, int] | None = None,
+    seed: int = 1,
+) -> Path:
+    """Append unlearnable domains to the data dir at ``root`` (one written by
+    ``make_synthetic_datadir``): ``domains[name]`` train documents of i.i.d. uniform tokens.
+
+    Every token but the closing EOS is drawn uniformly from 1..vocab_size-1, independently of
+    everything before it, so no model can predict it better than uniform: the per-token loss on
+    such a domain is at least ln(vocab_size - 1) in expectation (the EOS, one token in
+    ``doc_len``, is the only predictable one). ``split_docs`` gives val/test document counts
+    (default 8 each). The new domains come after the existing ones in the manifest.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    manifest = Manifest.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+    clash = sorted(set(domains) & set(manifest.domain_names))
+    if clash:
+        raise ValueError(f"add_random_domains: domain(s) {clash} already exist in {root}.")
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(manifest.dtype)
+    split_docs = {"val": 8, "test": 8, **(split_docs or {})}
+    for name, n_train in domains.items():
+        splits = {}
+        for split in SPLITS:
+            w = ShardWriter(root, name, split, dtype)
+            for _ in range(n_train if split == "train" else split_docs[split]):
+                w.add(np.append(rng.integers(1, manifest.vocab_size, size=doc_len - 1), 0))
+            splits[split] = w.close()
+        manifest.domains.append(DomainInfo(name=name, splits=splits, source="synthetic-random"))
+    write_json_atomic(path, manifest.to_json())
+    return root
