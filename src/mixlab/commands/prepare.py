@@ -21,9 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--source",
         default=_DEFAULTS.source,
-        help="'builtin' (5 domains from installed packages), a folder with one "
-        "sub-folder per domain (.txt/.jsonl/.parquet), or one .jsonl/.parquet file "
-        "with a domain column (default: builtin)",
+        help="'builtin' (5 domains from installed packages); a folder with one "
+        "sub-folder per domain (.txt/.jsonl/.parquet, .txt/.jsonl also as .gz/.bz2/.xz/.zst); "
+        "one .jsonl/.parquet file with a domain column (--domain-column); either as an fsspec "
+        "URL (memory://, s3:// with s3fs, gs:// with gcsfs, hf://); with mixlab[datasets]: a "
+        "save_to_disk folder, a folder of json/csv/parquet/arrow files with a domain column or "
+        "one such sub-folder per domain, or hf:NAME from the local datasets cache "
+        "(default: builtin)",
     )
     p.add_argument("--out", required=True, help="data dir to write (replaced atomically)")
     p.add_argument(
