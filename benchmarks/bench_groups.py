@@ -12,6 +12,7 @@ over stratified's, and its extra training steps.
 
     python benchmarks/bench_groups.py [--seeds 3] [--steps 300] [--jobs 2] [--out runs/groups]
                                       [--methods stratified,grid,dml] [--sweep-steps 100]
+                                      [--set mixers.aioli.options.variant=adaptive ...]
 
 Finished runs are reused, so an interrupted benchmark continues where it stopped.
 """
@@ -86,6 +87,8 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join([*METHODS, *OFFLINE]),
                     help="comma-separated; stratified is always run (the baseline)")
     ap.add_argument("--sweep-steps", type=int, default=100, help="steps of each proxy run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the benchmark's config, e.g. mixers.aioli.options.variant=adaptive")
     args = ap.parse_args()
 
     data_dir = cache_dir() / "builtin-v2048"
@@ -110,6 +113,7 @@ def main() -> int:
             "mixers.skillit.options.graph_at_step=50",
             "mixers.skillit.options.update_every=50",
             "mixers.skillit.options.eval_every=25",
+            *args.overrides,
         ])
         raw.pop("demo", None)
         raw.pop("target", None)

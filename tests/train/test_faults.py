@@ -232,3 +232,19 @@ def test_kill_9_at_a_random_moment_then_resume_is_identical(case, tiny_data, tmp
     out = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     _assert_same_run(run, tmp_path / "full")
+
+
+# ------------------------------------------------------------------ log files stay readable
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tiny_data, tmp_path):
+    """train.progress = true draws the bar on a terminal only: piped into a log file, stderr
+    holds the log lines and no carriage-return bar updates."""
+    sets = _sets(tiny_overrides(tiny_data, ["train.progress=true", "train.steps=8"]))
+    out = subprocess.run(_mixlab("train", *sets, "--out", str(tmp_path / "run")), env=_env(),
+                         capture_output=True, timeout=300)  # bytes: text mode would hide \r
+    err = out.stderr.decode()
+    assert out.returncode == 0, err[-2000:]
+    # At 0ac5ab4 the bar was drawn into the pipe: "  2%|▏   | 3/200 [00:00<00:07, 26.63step/s]\r".
+    assert "\r" not in err and "step/s" not in err and "s/step" not in err
+    assert "training gpt model" in err  # the log lines are still there
