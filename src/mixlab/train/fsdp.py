@@ -50,7 +50,7 @@ from mixlab.train.distributed import DistInfo
 
 FULL_MODEL_MIXERS: dict[str, str] = {
     "dga": "per-sample alignments (forward-mode derivatives through the whole model)",
-    "doge": "per-sample alignments (forward-mode derivatives through the whole model)",
+    "doge": "per-domain gradients (one backward per domain through the whole model) or per-sample alignments",
     "skillit": "branch runs (a full copy of the model trained per domain for its skills graph)",
 }
 """Mixers whose signals read the full, unsharded parameters on every rank, with the reason."""
