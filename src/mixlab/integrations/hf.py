@@ -125,7 +125,7 @@ SIGNAL_SEED_OFFSET = 1
 UNSUPPORTED_MIXERS: dict[str, str] = {
     "skillit": "branch_eval_deltas (training copies of the model to learn its skills graph)",
     "dga": "sample_alignments (per-sample gradient alignments with a target set)",
-    "doge": "per-domain gradients (one backward per domain on an auxiliary batch) or sample_alignments",
+    "doge": "sample_alignments or domain_gradient_gram (per-domain gradients, one backward each)",
 }
 """Built-in mixers that ask for a signal this integration cannot compute, refused when the
 callback is built rather than at the first step that asks."""
