@@ -580,7 +580,6 @@ class Trainer:
         bar = _progress(t.steps, self.state.step, t.progress and self.is_main)
         t0 = time.perf_counter() - self.state.elapsed_s
         last_ckpt = time.perf_counter()
-        tokens_per_step = t.batch_size * self.cfg.data.seq_len
         with StopRequests("mixlab train") as stops:
             while self.state.step < t.steps:
                 self._one_step(metrics, bar, t0, log)
@@ -604,7 +603,6 @@ class Trainer:
                         raise Stopped(
                             f"{name}: stopped after step {done} with a checkpoint at {ckpt}; "
                             "continue with the same command and --resume.", signum)
-        del tokens_per_step
         bar.close()
         metrics.close()
         self.state.elapsed_s = time.perf_counter() - t0
