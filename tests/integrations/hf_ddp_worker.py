@@ -1,7 +1,8 @@
 """One rank of the 2-process test in test_hf.py (run by torchrun; not a test module itself).
 
-Usage: torchrun --nproc_per_node N hf_ddp_worker.py DATA_DIR OUT_DIR PER_DEVICE GA STEPS
-Trains the tests' tiny GPT-2 with Aioli through the Trainer and writes, per rank,
+Usage: torchrun --nproc_per_node N hf_ddp_worker.py DATA_DIR OUT_DIR PER_DEVICE GA STEPS [SPEC]
+Trains the tests' tiny GPT-2 with Aioli (or SPEC, a JSON object with ``mixer``, ``options`` and
+``config`` for ``MixlabCallback``) through the Trainer and writes, per rank,
 OUT_DIR/rank<r>.json with the mixer's state, the history and the final weights' checksum;
 checkpoints (every 4 steps) go to OUT_DIR/trainer.
 """
@@ -29,8 +30,10 @@ def main() -> None:
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
     )
     model = transformers.GPT2LMHeadModel(config)
-    cb = MixlabCallback(data, "aioli", {"round_steps": 4, "lp_rounds": 1, "lp_steps": 1},
-                        seq_len=16, eval_windows=4)
+    spec = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {
+        "mixer": "aioli", "options": {"round_steps": 4, "lp_rounds": 1, "lp_steps": 1}}
+    cb = MixlabCallback(data, spec["mixer"], spec.get("options", {}), seq_len=16, eval_windows=4,
+                        config=spec.get("config"))
     args = transformers.TrainingArguments(
         output_dir=os.path.join(out, "trainer"), max_steps=steps, per_device_train_batch_size=micro,
         gradient_accumulation_steps=ga, learning_rate=1e-2, use_cpu=True, report_to=[],

@@ -296,10 +296,10 @@ def test_dga_finds_the_target_domain(tiny_data, tmp_path, method, samples):
     summary = trainer.run()
     w = summary["weights_final"]
     assert max(w, key=w.get) == "c" and w["c"] > 0.5, w
-    assert trainer.mixer.updates == 15
+    assert trainer.session.mixer.updates == 15
     # Measurements come from the auxiliary stream (one batch per update, padded when the
     # measurement is smaller); the training stream is exactly as long as the run.
-    assert trainer.aux_sampler.step == 15 and trainer.sampler.step == 30
+    assert trainer.session.aux_sampler.step == 15 and trainer.session.sampler.step == 30
 
 
 def test_dga_with_distribution_reweighting_runs(tiny_data, tmp_path):

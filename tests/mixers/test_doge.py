@@ -139,7 +139,7 @@ def test_target_objective_favours_the_target_domain(tiny_data, tmp_path):
                       "train.steps=30")
     trainer = Trainer(cfg, tmp_path / "r")
     trainer.run()
-    alpha = trainer.mixer.report()["alpha"]
+    alpha = trainer.session.mixer.report()["alpha"]
     assert int(np.argmax(alpha)) == 2, alpha
 
 
@@ -264,11 +264,11 @@ def test_domain_gradient_gram_matches_autograd_on_a_real_model(tiny_data, tmp_pa
 
     trainer = Trainer(tiny_config(tiny_data, "mixer.name='doge'", "target.domain='c'",
                                   "target.docs=6"), tmp_path / "r")
-    aux = copy.deepcopy(trainer.aux_sampler.state_dict())
+    aux = copy.deepcopy(trainer.session.aux_sampler.state_dict())
     counts = np.array([3, 3, 2])
-    gram = StepSignals(0, trainer, None, None, None).domain_gradient_gram(counts, target=True)
-    trainer.aux_sampler.load_state_dict(aux)  # the same batch again
-    parts = _draw(trainer, counts)
+    gram = StepSignals(0, trainer.session, None, None, None).domain_gradient_gram(counts, target=True)
+    trainer.session.aux_sampler.load_state_dict(aux)  # the same batch again
+    parts = _draw(trainer.session, counts)
     tokens = torch.cat([p.tokens for p in parts])
     domains = np.concatenate([p.domains for p in parts])
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -279,6 +279,6 @@ def test_domain_gradient_gram_matches_autograd_on_a_real_model(tiny_data, tmp_pa
 
     vecs = [flat(per_sample_loss(trainer.model, tokens[torch.from_numpy(domains == i)]).mean())
             for i in range(3)]
-    vecs.append(flat(per_sample_loss(trainer.model, trainer.target.probe).mean()))
+    vecs.append(flat(per_sample_loss(trainer.model, trainer.session.target.probe).mean()))
     want = torch.stack(vecs) @ torch.stack(vecs).T
     np.testing.assert_allclose(gram, want.numpy(), rtol=1e-4)

@@ -235,7 +235,9 @@ def test_trainer_excess_losses_match_the_two_models(tiny_data, tmp_path):
     from mixlab.mixers.base import Plan
 
     plan = Plan(weights=np.full(3, 1 / 3), counts=np.array([3, 3, 2]))  # every domain present
-    _, sample_losses, domains, tokens = trainer.train_step(trainer._resolve_plan(plan))
+    trainer.session.mixer.plan = lambda step: plan
+    st, result = trainer.train_step(0)
+    sample_losses, domains, tokens = result.sample_losses, result.domains, st.batch.tokens
 
     def token_ce(model):
         model.eval()
@@ -243,13 +245,13 @@ def test_trainer_excess_losses_match_the_two_models(tiny_data, tmp_path):
             logits = model(tokens[:, :-1]).double()
         return -torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0].numpy()
 
-    proxy, ref = token_ce(trainer.model), token_ce(trainer.reference)
+    proxy, ref = token_ce(trainer.model), token_ce(trainer.session.reference)
     per_sample = np.maximum(proxy - ref, 0).mean(axis=1)
     want = np.array([per_sample[domains == d].mean() for d in range(3)])
     # float32 logits vs float64 log-softmax here: ~1e-6 per token loss.
-    got = StepSignals(0, trainer, sample_losses, domains, tokens).excess_losses()
+    got = StepSignals(0, trainer.session, sample_losses, domains, tokens).excess_losses()
     np.testing.assert_allclose(got, want, atol=1e-5)
-    given = StepSignals(0, trainer, sample_losses, domains, tokens,
+    given = StepSignals(0, trainer.session, sample_losses, domains, tokens,
                         token_losses=torch.as_tensor(proxy, dtype=torch.float32))
     np.testing.assert_allclose(given.excess_losses(), want, atol=1e-5)
     assert np.all(want > 0) and np.all(want >= excess_losses(

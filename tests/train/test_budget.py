@@ -42,21 +42,27 @@ def _spy(trainer: Trainer) -> list[dict]:
     """Record, for every step, the mixer's resolved plan without and with the budget and the
     sampler's drawn counts after the batch; returns the (growing) list of records."""
     seen: list[dict] = []
-    resolve, step_fn = trainer._resolve_plan, trainer.train_step
+    session = trainer.session
+    resolve, step_fn, mixer_plan = session.plan, trainer.train_step, session.mixer.plan
     cfg = trainer.cfg.mixer
+    raw: dict = {}
 
-    def spy_resolve(plan):
-        out = resolve(plan)
-        free = resolve_plan(plan, trainer.m, cfg.apply, cfg.name)
-        seen.append({"free": free, "plan": out, "before": trainer.sampler.windows_drawn})
+    def spy_mixer_plan(step):
+        raw["plan"] = mixer_plan(step)
+        return raw["plan"]
+
+    def spy_resolve(step):
+        out = resolve(step)
+        free = resolve_plan(raw["plan"], trainer.m, cfg.apply, cfg.name)
+        seen.append({"free": free, "plan": out, "before": session.sampler.windows_drawn})
         return out
 
-    def spy_step(plan):
-        result = step_fn(plan)
-        seen[-1]["after"] = trainer.sampler.windows_drawn
+    def spy_step(step):
+        result = step_fn(step)
+        seen[-1]["after"] = session.sampler.windows_drawn
         return result
 
-    trainer._resolve_plan, trainer.train_step = spy_resolve, spy_step
+    session.mixer.plan, session.plan, trainer.train_step = spy_mixer_plan, spy_resolve, spy_step
     return seen
 
 
@@ -69,9 +75,9 @@ def test_cases_cover_every_registered_mixer():
 def test_every_mixer_stays_within_the_budget(tiny_data, tmp_path, case, request):
     ref = request.getfixturevalue("reference_run") if case == "doremi" else None
     trainer = Trainer(_cfg(tiny_data, case, ref, f"data.max_epochs={EPOCHS}"), tmp_path / "run")
-    n = trainer.sampler.n_windows
+    n = trainer.session.sampler.n_windows
     limit = np.floor(EPOCHS * n)  # 0.75 * n has no float noise here: n < 2^50
-    assert trainer.budget is not None and trainer.budget.limit.tolist() == limit.tolist()
+    assert trainer.session.budget is not None and trainer.session.budget.limit.tolist() == limit.tolist()
     seen = _spy(trainer)
     summary = trainer.run()
 
@@ -175,4 +181,4 @@ def test_budget_config_errors(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="not in data.domains"):
         tiny_cfg("data.domains=['a', 'b']", "data.max_epochs={c=1.0}")
     # 0 everywhere is no budget at all: the run is the unbudgeted one.
-    assert Trainer(tiny_cfg("data.max_epochs=0"), tmp_path / "c").budget is None
+    assert Trainer(tiny_cfg("data.max_epochs=0"), tmp_path / "c").session.budget is None

@@ -47,7 +47,7 @@ def _worker(rank, world, port, data_dir, out, extra, die_after, queue):
             summary = trainer.run(resume=bool(extra and "resume" in out.name))
         except SystemExit:
             summary = None
-        queue.put((rank, summary, trainer.mixer.state_dict(), trainer.sampler.state_dict()))
+        queue.put((rank, summary, trainer.session.mixer.state_dict(), trainer.session.sampler.state_dict()))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -91,7 +91,7 @@ def _train(rank, world, data_dir, out, extra, resume, die_after, queue):
         summary = trainer.run(resume=resume)
     except SystemExit:
         summary = None
-    queue.put((rank, summary, trainer.mixer.state_dict(), trainer.sampler.state_dict()))
+    queue.put((rank, summary, trainer.session.mixer.state_dict(), trainer.session.sampler.state_dict()))
 
 
 def _run(data_dir, out, extra, resume=False, die_after=0, nan_call=0, world=2):

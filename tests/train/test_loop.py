@@ -88,20 +88,20 @@ def test_loss_weighting_matches_hand_computed(tiny_cfg, tmp_path):
     cfg = tiny_cfg("mixer.name='fixed'", "mixer.apply='loss'",
                    "mixer.options.weights={a=0.5, b=0.3, c=0.2}")
     trainer = Trainer(cfg, tmp_path / "r")
-    plan = trainer._resolve_plan(trainer.mixer.plan(0))
+    plan = trainer.session.plan(0)
     np.testing.assert_allclose(plan.weights, [1 / 3] * 3)
     np.testing.assert_allclose(plan.loss_weights, [0.5, 0.3, 0.2])
     # Reproduce the step's batch and loss by hand from a copy of the sampler and model.
     import copy
 
-    sampler = copy.deepcopy(trainer.sampler)
+    sampler = copy.deepcopy(trainer.session.sampler)
     model = copy.deepcopy(trainer.model)
     batch = sampler.next_batch(weights=plan.weights)
     losses = per_sample_loss(model, batch.tokens)
     factor = torch.tensor([0.5, 0.3, 0.2]) / (1 / 3)
     expected = float((losses.detach() * factor[batch.domains]).sum() / len(losses))
-    loss, *_ = trainer.train_step(plan)
-    assert loss == pytest.approx(expected, rel=1e-6)
+    _, result = trainer.train_step(0)
+    assert result.loss == pytest.approx(expected, rel=1e-6)
 
 
 @register("_test_nan_mixer")
@@ -140,8 +140,8 @@ def test_nonfinite_loss_is_skipped_and_never_observed(tiny_cfg, tmp_path, monkey
     summary = trainer.run()
     assert summary["nonfinite_steps"] == 2
     assert summary["steps"] == 24
-    assert len(trainer.mixer.seen) == 22
-    assert all(np.isfinite(x).all() for x in trainer.mixer.seen)
+    assert len(trainer.session.mixer.seen) == 22
+    assert all(np.isfinite(x).all() for x in trainer.session.mixer.seen)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
@@ -160,9 +160,9 @@ def test_eval_is_deterministic(tiny_cfg, tmp_path):
     b = Trainer(tiny_cfg(), tmp_path / "b")
     assert a.evaluate("val") == b.evaluate("val")
     for d in a.domains:
-        assert torch.equal(a.val_set.windows[d], b.val_set.windows[d])
+        assert torch.equal(a.session.val_set.windows[d], b.session.val_set.windows[d])
     other = Trainer(tiny_cfg("train.seed=1"), tmp_path / "c")
-    assert not all(torch.equal(a.val_set.windows[d], other.val_set.windows[d]) for d in a.domains)
+    assert not all(torch.equal(a.session.val_set.windows[d], other.session.val_set.windows[d]) for d in a.domains)
 
 
 def test_unknown_domain_and_bad_batch(tiny_cfg, tmp_path):

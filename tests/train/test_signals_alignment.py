@@ -35,18 +35,18 @@ def trainer(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, "target.domain='c'", "target.docs=6")
     t = Trainer(cfg, tmp_path / "r")
     # A few real steps, so the optimizer has a second moment and the model has moved.
-    for _ in range(3):
-        t.train_step(t._resolve_plan(t.mixer.plan(0)))
+    for step in range(3):
+        t.train_step(step)
     return t
 
 
 def signals(trainer: Trainer, step: int = 5) -> StepSignals:
-    return StepSignals(step, trainer, None, None, None)
+    return StepSignals(step, trainer.session, None, None, None)
 
 
 def replay(trainer: Trainer, counts: np.ndarray):
     """The samples a measurement of ``counts`` will use (drawn from a copy of the stream)."""
-    aux = copy.deepcopy(trainer.aux_sampler)
+    aux = copy.deepcopy(trainer.session.aux_sampler)
     tokens, domains = [], []
     for draw, keep in measurement_batches(counts, trainer.cfg.train.batch_size):
         batch = aux.next_batch(counts=draw)
@@ -72,12 +72,12 @@ def test_measurement_batches_and_keep_mask():
 def test_target_alignments_are_the_engine_on_the_aux_stream(trainer):
     counts = np.array([6, 6, 4])  # two measurement batches of 8
     tokens, domains = replay(trainer, counts)
-    train_step, aux_step = trainer.sampler.step, trainer.aux_sampler.step
+    train_step, aux_step = trainer.session.sampler.step, trainer.session.aux_sampler.step
     res = signals(trainer).sample_alignments(counts)
-    assert trainer.sampler.step == train_step and trainer.aux_sampler.step == aux_step + 2
+    assert trainer.session.sampler.step == train_step and trainer.session.aux_sampler.step == aux_step + 2
     np.testing.assert_array_equal(res.domains, domains)
     np.testing.assert_array_equal(np.bincount(res.domains, minlength=3), counts)
-    v = loss_gradient(trainer.model, trainer.target.probe)
+    v = loss_gradient(trainer.model, trainer.session.target.probe)
     np.testing.assert_allclose(res.values, alignments_jvp(trainer.model, tokens, v).double().numpy(),
                                rtol=1e-5, atol=1e-7)
     assert res.direction_sq_norm == pytest.approx(dot(v, v), rel=1e-6)
@@ -93,7 +93,7 @@ def test_per_domain_alignment_and_zero_counts(trainer):
     counts = np.array([5, 0, 4])  # 9 samples: two measurement batches, the second padded
     tokens, domains = replay(trainer, counts)
     got = signals(trainer).alignment("target", counts)
-    v = loss_gradient(trainer.model, trainer.target.probe)
+    v = loss_gradient(trainer.model, trainer.session.target.probe)
     ref = group_alignments_backward(trainer.model, tokens, domains, 3, v)
     assert np.isnan(got[1]) and np.isnan(ref[1])
     np.testing.assert_allclose(got[[0, 2]], ref[[0, 2]], rtol=1e-4)
@@ -101,7 +101,7 @@ def test_per_domain_alignment_and_zero_counts(trainer):
 
 def test_domains_direction_is_the_sum_of_domain_gradients(trainer):
     counts = np.array([3, 3, 2])
-    aux = copy.deepcopy(trainer.aux_sampler)
+    aux = copy.deepcopy(trainer.session.aux_sampler)
     batch_a, batch_b = aux.next_batch(counts=counts), aux.next_batch(counts=counts)
     assert counts.sum() == trainer.cfg.train.batch_size  # one whole batch each: nothing dropped
     res = signals(trainer).sample_alignments(counts, direction="domains")
@@ -121,7 +121,7 @@ def test_val_direction_and_preconditioning(trainer):
     counts = np.array([3, 3, 2])
     tokens, _ = replay(trainer, counts)
     res = signals(trainer).sample_alignments(counts, direction="val", precondition=True)
-    windows = trainer.signal_set.windows
+    windows = trainer.session.signal_set.windows
     weights = torch.cat([torch.full((windows[d].shape[0],), 1 / (3 * windows[d].shape[0]))
                          for d in trainer.domains])
     v = loss_gradient(trainer.model, torch.cat([windows[d] for d in trainer.domains]), weights)
@@ -183,7 +183,7 @@ def test_learning_rate_histogram_and_hierarchy(tiny_data, tmp_path):
 
 
 def test_target_window_subsets(trainer):
-    n = trainer.target.probe.shape[0]
+    n = trainer.session.target.probe.shape[0]
     assert n > 3
     np.testing.assert_array_equal(target_window_subset(n, 0, 0, 5), np.arange(n))
     np.testing.assert_array_equal(target_window_subset(n, n + 4, 0, 5), np.arange(n))
@@ -195,7 +195,7 @@ def test_target_window_subsets(trainer):
     counts = np.array([3, 3, 2])
     tokens, _ = replay(trainer, counts)
     res = signals(trainer, step=5).sample_alignments(counts, target_windows=3)
-    v = loss_gradient(trainer.model, trainer.target.probe[torch.from_numpy(sub)])
+    v = loss_gradient(trainer.model, trainer.session.target.probe[torch.from_numpy(sub)])
     np.testing.assert_allclose(res.values, alignments_jvp(trainer.model, tokens, v).double().numpy(),
                                rtol=1e-5, atol=1e-7)
 

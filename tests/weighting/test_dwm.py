@@ -124,7 +124,7 @@ def test_transfer_to_a_bigger_lm_and_tokenizer_check(tiny_data, tmp_path):
                   "model.d_model=64", "model.n_layer=2")
     trainer = Trainer(cfg, tmp_path / "big")
     saved, _ = load_net(small / "dwm.safetensors", trainer.data.manifest.tokenizer_sha256, trainer.domains)
-    loaded = trainer.weighting.weighter.net
+    loaded = trainer.session.weighting.weighter.net
     for k, v in saved.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert any(float(v.abs().sum()) > 0 for k, v in saved.state_dict().items() if k.startswith("head"))

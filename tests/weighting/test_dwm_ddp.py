@@ -32,7 +32,7 @@ def _worker(rank, world, port, overrides, out, queue):
         trainer = Trainer(load_config(None, overrides), out, DistInfo(rank, world, rank))
         summary = trainer.run()
         # numpy, not tensors: a tensor in the queue is shared memory that dies with this process.
-        net = {k: v.numpy().copy() for k, v in trainer.weighting.weighter.net.state_dict().items()}
+        net = {k: v.numpy().copy() for k, v in trainer.session.weighting.weighter.net.state_dict().items()}
         queue.put((rank, summary, net))
         dist.barrier()
     finally:
@@ -79,7 +79,7 @@ def test_two_ranks_hold_the_same_weighting_model_as_one_process(tiny_data, tmp_p
     # running scale, so 10 updates at weighting lr move a parameter by <= 10 * lr * O(u / 1e-3)
     # (the gradient's relative noise floor): of the order of 1e-7 on entries of order 1 (1 ulp,
     # 1.2e-7, measured). atol 1e-6 / rtol 1e-4 is that bound with a factor of 10 for other CPUs.
-    for k, v in one.weighting.weighter.net.state_dict().items():
+    for k, v in one.session.weighting.weighter.net.state_dict().items():
         np.testing.assert_allclose(v.numpy(), net0[k], rtol=1e-4, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(s_one["test"]["avg_loss"], s0["test"]["avg_loss"], rtol=1e-5)
     assert (tmp_path / "ddp" / "dwm.json").is_file() and (tmp_path / "ddp" / "dwm.safetensors").is_file()

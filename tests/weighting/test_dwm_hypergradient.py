@@ -29,7 +29,7 @@ def captured_updates(data, tmp_path, precondition: bool, dropout: float, steps: 
         f"model.dropout={dropout}",
     ]))
     trainer = Trainer(cfg, tmp_path / "run")
-    rw = trainer.weighting
+    rw = trainer.session.weighting
     used_w: dict[int, list[torch.Tensor]] = {}
     used_val: dict[int, torch.Tensor] = {}
     out: list[tuple[int, torch.Tensor, torch.Tensor]] = []

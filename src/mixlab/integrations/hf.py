@@ -1,10 +1,11 @@
-"""Any mixlab mixer inside the Hugging Face ``transformers.Trainer``, without subclassing it.
+"""Every mixlab mixer, and DWM, inside the Hugging Face ``transformers.Trainer``.
 
 Usage (the whole of it)::
 
     from mixlab.integrations.hf import MixlabCallback
 
-    mixlab = MixlabCallback("data/builtin", mixer="odm", seq_len=128)
+    mixlab = MixlabCallback("data/builtin", mixer="dga", seq_len=128,
+                            config={"target": {"domain": "medical", "docs": 20}})
     trainer = Trainer(
         model=model,                            # any transformers causal LM
         args=TrainingArguments(..., max_steps=1000),
@@ -12,24 +13,31 @@ Usage (the whole of it)::
         compute_loss_func=mixlab.compute_loss,
         callbacks=[mixlab],
     )
+    mixlab.attach(trainer)                      # optional: mixlab's values reach report_to
     trainer.train()                             # or trainer.train(resume_from_checkpoint=True)
+
+The callback is a driver of ``mixlab.train.session.MixingSession``, the same session
+``mixlab train`` drives: the plan, the batch, the loss factors, the signals (eval losses,
+target loss, reference and excess losses, per-sample alignments, per-domain gradients, branch
+copies of the model and optimizer), the repetition budget and the weighting model are that
+session's, so a mixer does the same thing here as there. What is left in this module is what
+is specific to the Trainer.
 
 With ``b = per_device_train_batch_size``, ``GA = gradient_accumulation_steps`` and ``W`` processes,
 one optimizer step trains on a global batch of ``B = b * GA * W`` windows of ``seq_len + 1``
 tokens, exactly as ``mixlab train`` does::
 
-    on_step_begin(t)   plan = mixer.plan(t); every rank draws the global batch of step t from a
-                       MixtureSampler (exact per-domain counts for probe plans) and keeps its
-                       disjoint slice [b * GA, seq_len + 1]
+    on_step_begin(t)   session.begin_step(t, GA): plan, this rank's slice [b * GA, seq_len + 1]
     forward k < GA     a forward pre-hook on the model puts micro-batch k of that slice
                        (tokens[:, :-1]) in place of the placeholder ``input_ids``
     compute_loss       per-sample next-token cross-entropy [b] from the logits and the targets
-                       tokens[:, 1:], times w_d / q_d when the plan re-weights the loss,
-                       summed and divided by b * GA (DDP then averages over ranks)
-    on_step_end(t)     per-sample losses and domains gathered in rank order; unless a loss was
-                       NaN/inf, mixer.observe(t, signals), where eval losses are computed only
-                       if the mixer asks for them
-    on_save            mixlab_state.pt (sampler and mixer state) written atomically into the
+                       tokens[:, 1:]; session.loss: Σ f_i w_i ℓ_i / (b * GA) (DDP averages ranks)
+    pre-optimizer      session.before_optimizer_step (DWM's bi-level update)
+    on_step_end(t)     unless a loss was NaN/inf on some rank, session.end_step: losses and
+                       domains gathered in rank order, mixer.observe(t, signals)
+    on_log             mixture weights, per-domain train losses and the mixer's report values
+                       added to the Trainer's logs (``mixlab/...``), so ``report_to`` sends them
+    on_save            mixlab_state.pt (the session's state) written atomically into the
                        checkpoint folder; loaded again by ``train(resume_from_checkpoint=...)``
 
 Why the dataset holds placeholders and the tokens come in through a hook: ``accelerate`` wraps
@@ -43,24 +51,20 @@ accident), and the batch of step t is drawn in ``on_step_begin(t)``, after ``obs
 As a consequence prefetching cannot go wrong: ``dataloader_num_workers``,
 ``dataloader_prefetch_factor`` and accelerate's dispatching may take any value, and
 ``ignore_data_skip`` does not change the data order on resume (the order comes from the
-sampler's state in ``mixlab_state.pt``; ``ignore_data_skip=True`` only saves iterating over
-the placeholders of the steps already trained).
+session's state in ``mixlab_state.pt``).
 
-Signals a mixer may ask for: ``train_losses``, ``train_counts``, ``eval_losses`` (a fixed,
-seeded subset of each domain's validation split, ``eval_windows`` per domain, the seed
-``seed + 1`` as in ``mixlab train``), ``reference_losses`` (with ``reference_model``) and
-``learning_rate``. The others (target set, branch training, gradient alignments, cluster
-hierarchy) raise a ``ConfigError`` naming the method and the alternative (``mixlab train``
-trains HF models too); the built-in mixers that need them (Skill-It, DGA, DoGE) are refused
-when the callback is built.
-
-Differences from ``mixlab train`` that come from the Trainer: the Trainer applies the update of
-a step whose loss is NaN/inf (the mixer still never observes it, and ``nonfinite_steps``
-counts it); the learning rate, optimizer and clipping are the Trainer's.
+Differences from ``mixlab train`` that come from the Trainer: the learning rate, optimizer and
+clipping are the Trainer's (branch copies copy its optimizer, class, groups and state); the
+Trainer applies the update of a step whose loss is NaN/inf (the mixer still never observes it,
+and ``nonfinite_steps`` counts it); the Trainer clips gradients *before* its pre-optimizer
+event, so DWM's lookahead steps along the clipped gradient when ``max_grad_norm > 0``
+(``mixlab train`` uses the unclipped one; with ``max_grad_norm = 0`` the two are the same).
+FSDP and DeepSpeed are refused (see ``_check_args``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,76 +77,37 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from mixlab.config import from_dict
+from mixlab.config import from_dict, to_dict
 from mixlab.data.format import DataDir
-from mixlab.data.sampler import Batch, MixtureSampler
+from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import CheckpointError, ConfigError, MixlabError
-from mixlab.mixers.base import (
-    Mixer,
-    MixerContext,
-    Plan,
-    build_mixer,
-    loss_factors,
-    mixer_class,
-    resolve_plan,
-)
-from mixlab.mixers.doremi import clipped_token_excess
+from mixlab.mixers.base import Mixer, mixer_class
 from mixlab.model import sequence_losses
 from mixlab.model import token_losses as per_token_cross_entropy
-from mixlab.model.hf import require_transformers
+from mixlab.model.hf import HFCausalLM, require_transformers
 from mixlab.train.checkpoint import to_plain
-from mixlab.train.distributed import (
-    DistInfo,
-    all_gather_array,
-    all_reduce_sum,
-    check_same_on_all_ranks,
-)
-from mixlab.train.evaluate import EvalSet
+from mixlab.train.config import TrainConfig
+from mixlab.train.distributed import DistInfo, any_rank
+from mixlab.train.session import ActiveStep, MixingSession, RunView, config_for, merge_config
 from mixlab.train.signals import per_domain_mean
-from mixlab.weighting.config import WeightingConfig
-from mixlab.weighting.dwm import DataWeighter, load_net
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from mixlab.signals.alignment import SampleAlignments
 
 _transformers = require_transformers()
 TrainerCallback = _transformers.TrainerCallback
 
 STATE_FILE = "mixlab_state.pt"
 """Name of the file ``on_save`` writes into each Trainer checkpoint folder."""
-STATE_VERSION = 1
-"""Version of the dict in ``STATE_FILE``."""
+STATE_VERSION = 2
+"""Version of the dict in ``STATE_FILE`` (2: the mixing session's state)."""
 INPUT_PLACEHOLDER = -1
 """Value of every placeholder ``input_ids`` entry: not a token id, so a model fed a placeholder
 fails loudly instead of training on it."""
 LABEL_PLACEHOLDER = -100
 """Value of every placeholder ``labels`` entry: the ignore index of every HF loss."""
-SIGNAL_SEED_OFFSET = 1
-"""The eval-signal subset is seeded with ``seed + 1``, as ``mixlab train``'s ``signal_set``."""
-
-UNSUPPORTED_MIXERS: dict[str, str] = {
-    "skillit": "branch_eval_deltas (training copies of the model to learn its skills graph)",
-    "dga": "sample_alignments (per-sample gradient alignments with a target set)",
-    "doge": "sample_alignments or domain_gradient_gram (per-domain gradients, one backward each)",
-}
-"""Built-in mixers that ask for a signal this integration cannot compute, refused when the
-callback is built rather than at the first step that asks."""
-
-
-def _unsupported(signal: str, mixer: str) -> ConfigError:
-    return ConfigError(
-        f"mixer '{mixer}' asked for signals.{signal}(), which the Hugging Face Trainer "
-        "integration does not provide (it provides train_losses, train_counts, eval_losses, "
-        "reference_losses with reference_model=..., and learning_rate). Train this method with "
-        "`mixlab train` instead: model.kind = 'hf' trains any transformers causal LM."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers.
-
+LOG_PREFIX = "mixlab/"
+"""Prefix of the keys ``on_log`` adds to the Trainer's logs."""
 
 per_sample_cross_entropy = sequence_losses
 """Mean next-token cross-entropy per sample from logits (``mixlab.model.sequence_losses``)."""
@@ -197,7 +162,7 @@ def _find_slots(dataloader: Any) -> MixtureSlots | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-step bookkeeping and signals.
+# Per-step bookkeeping.
 
 
 @dataclass(frozen=True)
@@ -225,122 +190,16 @@ class StepLog:
 
 
 @dataclass
-class _ActiveStep:
-    """The optimizer step in progress on this rank."""
+class _HFStep:
+    """The optimizer step in progress on this rank: the session's step and the Trainer's
+    micro-batch bookkeeping."""
 
-    step: int
-    plan: Plan
-    batch: Batch
-    """This rank's slice of the global batch: tokens [b * GA, seq_len + 1]."""
-    factors: np.ndarray | None
-    """[m] loss multipliers w/q, or None."""
-    micro: int
-    """Samples per micro-batch (per_device_train_batch_size)."""
-    losses: list[torch.Tensor | None]
-    """Detached per-sample losses [micro] of each micro-batch, filled by ``compute_loss``."""
+    st: ActiveStep
+    computed: list[bool]
+    """Whether micro-batch k's loss went through ``compute_loss``."""
     forwards: int = 0
     current: int | None = None
     """Index of the micro-batch whose forward ran and whose loss is not computed yet."""
-    lr: float = float("nan")
-    token_losses: list[torch.Tensor | None] | None = None
-    """Detached per-token losses [micro, T] of each micro-batch, kept only for a mixer that
-    asks for them (``wants_token_losses``: DoReMi's per-token excess)."""
-
-
-class HFStepSignals:
-    """``mixlab.mixers.base.Signals`` of one finished step of a Trainer run (lazy: the eval and
-    reference passes run only when a mixer asks, at most once per step)."""
-
-    def __init__(
-        self,
-        step: int,
-        owner: MixlabCallback,
-        sample_losses: np.ndarray | None,
-        domains: np.ndarray | None,
-        tokens: torch.Tensor | None,
-        lr: float,
-        token_losses: torch.Tensor | None = None,
-    ):
-        self.step = step
-        self._owner = owner
-        self._losses = sample_losses
-        self._domains = domains
-        self._tokens = tokens
-        self._lr = lr
-        self._token_losses = token_losses
-        self._reference: np.ndarray | None = None
-        self._excess: np.ndarray | None = None
-
-    def train_losses(self) -> np.ndarray:
-        m = self._owner.m
-        if self._losses is None or self._domains is None:
-            return np.full(m, np.nan)
-        return per_domain_mean(self._losses, self._domains, m)
-
-    def train_counts(self) -> np.ndarray:
-        if self._domains is None:
-            return np.zeros(self._owner.m, dtype=np.int64)
-        return np.bincount(self._domains, minlength=self._owner.m)
-
-    def eval_losses(self) -> np.ndarray:
-        return self._owner.eval_losses(self.step)
-
-    def reference_losses(self) -> np.ndarray:
-        if self._reference is None:
-            if self._tokens is None or self._domains is None:
-                self._reference = np.full(self._owner.m, np.nan)
-            else:
-                ref = self._owner.reference_sample_losses(self._tokens)
-                self._reference = per_domain_mean(ref, self._domains, self._owner.m)
-        return self._reference.copy()
-
-    def excess_losses(self) -> np.ndarray:
-        """[m] per-domain mean over tokens of max(ℓ - ℓ_ref, 0), clipped per token (DoReMi,
-        ``mixlab.train.signals.StepSignals.excess_losses``), with ℓ from the training forward."""
-        if self._excess is None:
-            if self._tokens is None or self._domains is None or self._token_losses is None:
-                self._excess = np.full(self._owner.m, np.nan)
-            else:
-                ref = self._owner.reference_token_losses(self._tokens)
-                local = clipped_token_excess(self._token_losses.numpy(), ref.numpy())
-                gathered = all_gather_array(local, self._owner._ranks)
-                self._excess = per_domain_mean(gathered, self._domains, self._owner.m)
-        return self._excess.copy()
-
-    def learning_rate(self) -> float:
-        return self._lr
-
-    def target_loss(self) -> float:
-        raise _unsupported("target_loss", self._owner.mixer_name)
-
-    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
-        raise _unsupported("branch_eval_deltas", self._owner.mixer_name)
-
-    def sample_alignments(
-        self,
-        counts: np.ndarray,
-        direction: str = "target",
-        method: str = "jvp",
-        precondition: bool = False,
-        probes: int = 0,
-        target_windows: int = 0,
-    ) -> SampleAlignments:
-        raise _unsupported("sample_alignments", self._owner.mixer_name)
-
-    def alignment(
-        self,
-        direction: str = "target",
-        counts: np.ndarray | None = None,
-        method: str = "jvp",
-        precondition: bool = False,
-    ) -> np.ndarray:
-        raise _unsupported("alignment", self._owner.mixer_name)
-
-    def target_histogram(self) -> np.ndarray:
-        raise _unsupported("target_histogram", self._owner.mixer_name)
-
-    def cluster_parents(self) -> np.ndarray:
-        raise _unsupported("cluster_parents", self._owner.mixer_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,10 +210,10 @@ class MixlabCallback(TrainerCallback):
     """A mixlab mixer driving the data of a ``transformers.Trainer`` run.
 
     Pass ``train_dataset=cb.train_dataset``, ``compute_loss_func=cb.compute_loss`` and
-    ``callbacks=[cb]`` to the Trainer (see the module docstring). The sampler and the mixer are
-    built at ``on_train_begin``, when the batch size, world size and ``max_steps`` are known;
-    afterwards ``cb.mixer``, ``cb.sampler`` and ``cb.history`` (one ``StepLog`` per step trained
-    in this process) can be read.
+    ``callbacks=[cb]`` to the Trainer (see the module docstring). The session is built at
+    ``on_train_begin``, when the batch size, world size and ``max_steps`` are known;
+    afterwards ``cb.session``, ``cb.mixer``, ``cb.sampler`` and ``cb.history`` (one ``StepLog``
+    per step trained in this process) can be read.
 
     Arguments:
         data: a mixlab data dir (``mixlab prepare``) or its path.
@@ -366,18 +225,22 @@ class MixlabCallback(TrainerCallback):
             ``TrainingArguments.seed``.
         apply: ``"sample"`` samples by the mixture; ``"loss"`` samples uniformly and weights each
             sample's loss by w_d / q_d (``mixer.apply`` of ``mixlab train``).
-        eval_windows: windows per domain of the validation subset behind ``eval_losses``.
-        eval_batch_size: samples per forward of the eval and reference passes (default
+        eval_windows: windows per domain of the validation subset behind ``eval_losses``
+            (``eval.signal_windows``).
+        eval_batch_size: samples per forward of the signal passes (default
             ``per_device_eval_batch_size``).
-        reference_model: a trained model for ``reference_losses`` (DoReMi); moved to the
-            training device and kept in eval mode.
+        reference_model: a trained model for ``reference_losses``/``excess_losses`` (DoReMi);
+            moved to the training device and kept in eval mode.
         check_ranks: all-reduce a checksum of the mixture at every step and stop if ranks differ.
         resume_from: the checkpoint folder to read ``mixlab_state.pt`` from on resume, when it is
             not ``<output_dir>/checkpoint-<global_step>`` (a checkpoint of another output dir).
         weighting: a trained data weighting model (a ``mixlab train`` run dir with
-            ``weighting.name = "dwm"``, or its ``dwm.safetensors``), used frozen: each sample's
-            loss is also multiplied by its weight (mean 1 per micro-batch). Its tokenizer must be
-            the data dir's. Training a weighting model bi-level needs ``mixlab train``.
+            ``weighting.name = "dwm"``, or its ``dwm.safetensors``), used frozen; or a mapping of
+            ``[weighting]`` settings (``{"name": "dwm"}`` trains one bi-level during the run and
+            writes ``dwm.safetensors``/``dwm.json`` into ``output_dir`` at the end).
+        config: any other sections of a ``mixlab train`` config, as a mapping (``target``,
+            ``data.max_epochs``, ``eval``, ``weighting``...). The Trainer's settings
+            (steps, batch, accumulation, seed, ``max_grad_norm``) and the arguments above win.
     """
 
     def __init__(
@@ -395,7 +258,8 @@ class MixlabCallback(TrainerCallback):
         reference_model: nn.Module | None = None,
         check_ranks: bool = True,
         resume_from: str | Path | None = None,
-        weighting: str | Path | None = None,
+        weighting: str | Path | Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
     ):
         self.data = data if isinstance(data, DataDir) else DataDir.open(data)
         self.domains = list(domains) if domains is not None else list(self.data.domains)
@@ -408,12 +272,6 @@ class MixlabCallback(TrainerCallback):
             raise ConfigError(f"apply must be 'sample' or 'loss', got {apply!r}.")
         if eval_windows < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError("eval_windows and eval_batch_size must be >= 1.")
-        if mixer in UNSUPPORTED_MIXERS:
-            raise ConfigError(
-                f"mixer '{mixer}' needs signals.{UNSUPPORTED_MIXERS[mixer]}, which the Hugging "
-                "Face Trainer integration does not provide. Train it with `mixlab train` "
-                "instead: model.kind = 'hf' trains any transformers causal LM."
-            )
         self.mixer_name = mixer
         self.mixer_options = dict(mixer_options or {})
         # Validate the options now; the mixer itself needs the run's batch size and length.
@@ -426,35 +284,67 @@ class MixlabCallback(TrainerCallback):
         self.reference_model = reference_model
         self.check_ranks = check_ranks
         self.resume_from = None if resume_from is None else Path(resume_from)
-        self.train_tokens = np.array(
-            [self.data.split(d, "train").n_tokens for d in self.domains], dtype=np.int64
-        )
-        self.weighting = None if weighting is None else Path(weighting)
-        if self.weighting is not None:  # fail now, not at on_train_begin, on a model that does not fit
-            load_net(self.weighting, self.data.manifest.tokenizer_sha256, self.domains)
-        self.weighter: DataWeighter | None = None
+        extra = dict(config or {})
+        if isinstance(weighting, Mapping):
+            extra = merge_config(extra, {"weighting": dict(weighting)})
+        elif weighting is not None:
+            extra = merge_config(extra, {"weighting": {"name": "dwm", "load": str(weighting), "frozen": True}})
+        self.extra_config = extra
+        # Fail now, not at on_train_begin, on a config that cannot hold (a trained weighting
+        # model with another tokenizer, an unknown key): the Trainer's values are stand-ins.
+        self._config(steps=1, batch=1, ga=1, seed=0, grad_clip=0.0, eval_bs=1)
+        if self.extra_config.get("weighting", {}).get("load"):
+            from mixlab.weighting.dwm import load_net
+
+            load_net(Path(self.extra_config["weighting"]["load"]),
+                     self.data.manifest.tokenizer_sha256, self.domains)
         self.train_dataset = MixtureSlots(seq_len)
         """Pass as the Trainer's ``train_dataset``."""
 
-        self.mixer: Mixer | None = None
-        self.sampler: MixtureSampler | None = None
+        self.session: MixingSession | None = None
         self.history: list[StepLog] = []
         self.nonfinite_steps = 0
         self._args: Any = None
         self._ranks = DistInfo()
-        self._model: nn.Module | None = None
         self._hook: Any = None
-        self._active: _ActiveStep | None = None
-        self._eval_set: dict[str, torch.Tensor] = {}
-        self._eval_cache: tuple[int, np.ndarray] | None = None
+        self._active: _HFStep | None = None
+        self._measuring = False
         self._checked_inputs = False
-        self._global_batch = 0
-        self._seed = 0
-        self._micro = 0
-        self._eval_bs = 1
-        self._device = torch.device("cpu")
+        self._logged_upto = 0
+
+    @property
+    def mixer(self) -> Mixer | None:
+        return None if self.session is None else self.session.mixer
+
+    @property
+    def sampler(self) -> MixtureSampler | None:
+        return None if self.session is None else self.session.sampler
 
     # ------------------------------------------------------------------ setup
+
+    def _config(self, *, steps: int, batch: int, ga: int, seed: int, grad_clip: float,
+                eval_bs: int) -> TrainConfig:
+        """The ``mixlab train`` config this run corresponds to."""
+        extra = merge_config(self.extra_config, {
+            "train": {"check_ranks": self.check_ranks},
+            "optim": {"grad_clip": float(grad_clip)},
+            "eval": {"signal_windows": self.eval_windows, "batch_size": eval_bs},
+        })
+        return config_for(self.data.root, steps=steps, batch_size=batch, seq_len=self.seq_len,
+                          seed=seed, mixer=self.mixer_name, mixer_options=self.mixer_options,
+                          apply=self.apply, grad_accum=ga, domains=self.domains, extra=extra,
+                          where="MixlabCallback")
+
+    def attach(self, trainer: Any) -> MixlabCallback:
+        """Check that ``trainer`` uses this callback's dataset and loss, and put the callback
+        first among its callbacks, so that the values ``on_log`` adds reach the reporting
+        callbacks of ``report_to`` (W&B, MLflow, TensorBoard, Comet), which run after it."""
+        if trainer.compute_loss_func != self.compute_loss:
+            raise ConfigError("the Trainer's compute_loss_func is not this callback's: pass "
+                              "compute_loss_func=mixlab.compute_loss.")
+        handler = trainer.callback_handler
+        handler.callbacks = [self] + [c for c in handler.callbacks if c is not self]
+        return self
 
     def _check_args(self, args: TrainingArguments) -> None:
         """Refuse Trainer settings under which the batch of a step would not be the plan's."""
@@ -499,17 +389,11 @@ class MixlabCallback(TrainerCallback):
         return Path(args.output_dir) / f"{prefix}-{step}"
 
     def _identity(self) -> dict[str, Any]:
-        """What must match between a checkpoint and the run that resumes it."""
-        return {
-            "mixer": self.mixer_name,
-            "mixer_options": to_plain(self.mixer_options),
-            "apply": self.apply,
-            "domains": list(self.domains),
-            "seq_len": self.seq_len,
-            "global_batch": self._global_batch,
-            "seed": self._seed,
-            "eval_windows": self.eval_windows,
-        }
+        """What must match between a checkpoint and the run that resumes it: the config."""
+        assert self.session is not None
+        cfg = to_plain(to_dict(self.session.cfg))
+        cfg["train"].pop("device", None)
+        return cfg
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -526,51 +410,36 @@ class MixlabCallback(TrainerCallback):
             raise MixlabError("the Trainer handed no model to MixlabCallback.on_train_begin.")
         self._args = args
         self._ranks = _ranks_from_args(args)
-        self._seed = int(args.seed if self.seed is None else self.seed)
         ga = int(args.gradient_accumulation_steps)
-        self._micro = int(args.per_device_train_batch_size)
-        self._global_batch = self._micro * ga * self._ranks.world_size
-        self.sampler = MixtureSampler(
-            self.data, "train", self.seq_len, self._global_batch, self._seed,
-            self._ranks.rank, self._ranks.world_size, self.domains,
+        micro = int(args.per_device_train_batch_size)
+        cfg = self._config(
+            steps=int(args.max_steps), batch=micro * ga * self._ranks.world_size, ga=ga,
+            seed=int(args.seed if self.seed is None else self.seed),
+            grad_clip=float(args.max_grad_norm or 0.0),
+            eval_bs=int(self.eval_batch_size or args.per_device_eval_batch_size),
         )
-        ctx = MixerContext(
-            domains=self.domains,
-            train_tokens=self.train_tokens,
-            total_steps=int(args.max_steps),
-            batch_size=self._global_batch,
-            seq_len=self.seq_len,
-            seed=self._seed,
+        device = torch.device(args.device)
+        bf16 = bool(getattr(args, "bf16", False))
+        optimizer = kwargs.get("optimizer")
+        view = RunView(
+            model=HFCausalLM.view(model), device=device, dist=self._ranks,
+            autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
+            optimizer=getattr(optimizer, "optimizer", optimizer),
         )
-        self.mixer = build_mixer(self.mixer_name, self.mixer_options, ctx)
-        self._eval_set = EvalSet.from_data(
-            self.data, self.domains, "val", self.eval_windows, self.seq_len,
-            self._seed + SIGNAL_SEED_OFFSET,
-        ).windows
-        self._eval_bs = int(self.eval_batch_size or args.per_device_eval_batch_size)
-        self._device = torch.device(args.device)
-        if self.reference_model is not None:
-            self.reference_model.to(self._device).eval()
-        if self.weighting is not None:
-            self.weighter = DataWeighter(
-                WeightingConfig(name="dwm", load=str(self.weighting), frozen=True),
-                vocab_size=self.data.vocab_size, domains=self.domains,
-                tokenizer_sha256=self.data.manifest.tokenizer_sha256,
-                total_steps=int(args.max_steps), device=self._device, seed=self._seed,
-            )
-        self._eval_cache = None
+        reference = None if self.reference_model is None else HFCausalLM.view(self.reference_model)
+        self.session = MixingSession(cfg, view, self.data, reference=reference)
         self._active = None
         self._checked_inputs = False
         self.history = []
         self.nonfinite_steps = 0
-        self._model = model
+        self._logged_upto = 0
         if self._hook is not None:
             self._hook.remove()
         self._hook = model.register_forward_pre_hook(self._fill_inputs, with_kwargs=True)
         if state.global_step > 0:
             self._load(self._checkpoint_path(args, state.global_step), state.global_step)
         else:
-            self.mixer.start(HFStepSignals(-1, self, None, None, None, float("nan")))
+            self.session.start()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -579,32 +448,23 @@ class MixlabCallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         self._active = None
+        if self.session is not None and state.is_world_process_zero:
+            self.session.save_weighting(Path(args.output_dir))
 
     # ------------------------------------------------------------------ one step
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        assert self.mixer is not None and self.sampler is not None
+        assert self.session is not None
         step = int(state.global_step)
-        if self.sampler.step != step:
+        if self.session.sampler.step != step:
             raise MixlabError(
                 f"the Trainer is at step {step} but mixlab's data stream at step "
-                f"{self.sampler.step}; was the checkpoint's mixlab_state.pt from another step?"
+                f"{self.session.sampler.step}; was the checkpoint's mixlab_state.pt from another step?"
             )
-        plan = resolve_plan(self.mixer.plan(step), self.m, self.apply, self.mixer_name)
-        if self.check_ranks:
-            check_same_on_all_ranks(plan.weights, "mixture weights", step, self._ranks)
-        if plan.counts is not None:
-            batch = self.sampler.next_batch(counts=np.asarray(plan.counts, dtype=np.int64))
-        else:
-            batch = self.sampler.next_batch(weights=plan.weights)
         ga = int(args.gradient_accumulation_steps)
-        self._active = _ActiveStep(
-            step=step, plan=plan, batch=batch, factors=loss_factors(plan),
-            micro=self._micro, losses=[None] * ga,
-            token_losses=[None] * ga if getattr(self.mixer, "wants_token_losses", False) else None,
-        )
+        self._active = _HFStep(self.session.begin_step(step, ga), [False] * ga)
 
     def _fill_inputs(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -612,9 +472,10 @@ class MixlabCallback(TrainerCallback):
         """Forward pre-hook: the next micro-batch of the step in place of the placeholders."""
         active = self._active
         ids = kwargs.get("input_ids")
-        if active is None or not module.training or ids is None:
-            return None  # evaluation, or a forward outside mixlab's training steps
-        b = active.micro
+        if active is None or self._measuring or not module.training or ids is None:
+            return None  # evaluation, a signal's pass, or a forward outside mixlab's steps
+        st = active.st
+        b = st.micro
         if tuple(ids.shape) != (b, self.seq_len):
             raise ConfigError(
                 f"the Trainer fed a micro-batch of shape {tuple(ids.shape)}; mixlab expects "
@@ -631,19 +492,18 @@ class MixlabCallback(TrainerCallback):
                 )
             self._checked_inputs = True
         k = active.forwards
-        if k >= len(active.losses):
+        if k >= len(active.computed):
             raise MixlabError(
-                f"step {active.step} ran more than gradient_accumulation_steps = "
-                f"{len(active.losses)} training forwards; another callback or hook runs the "
+                f"step {st.step} ran more than gradient_accumulation_steps = "
+                f"{len(active.computed)} training forwards; another callback or hook runs the "
                 "model in training mode, which mixlab cannot tell apart from a micro-batch."
             )
         if active.current is not None:
             raise MixlabError(
-                f"micro-batch {active.current} of step {active.step} had no loss computed: "
+                f"micro-batch {active.current} of step {st.step} had no loss computed: "
                 "pass compute_loss_func=mixlab.compute_loss to the Trainer."
             )
-        tokens = active.batch.tokens[k * b : (k + 1) * b, :-1]
-        kwargs = {**kwargs, "input_ids": tokens.to(ids.device, non_blocking=True)}
+        kwargs = {**kwargs, "input_ids": st.tokens(k)[:, :-1].to(ids.device, non_blocking=True)}
         active.forwards, active.current = k + 1, k
         return args, kwargs
 
@@ -652,14 +512,15 @@ class MixlabCallback(TrainerCallback):
     ) -> torch.Tensor:
         """``compute_loss_func`` for the Trainer.
 
-        In a training step: Σ_i f_i ℓ_i / (b * GA) over the micro-batch's samples, with ℓ_i the
-        sample's mean next-token loss and f_i = w_d / q_d of its domain (1 when the plan does not
-        re-weight the loss), so that the GA micro-batches of a rank add up to that rank's mean.
-        Elsewhere (``Trainer.evaluate`` on your eval_dataset) it is the ordinary causal-LM loss
-        of ``labels`` (shifted by one, -100 ignored), summed over ``num_items_in_batch`` tokens
-        when the Trainer counts them.
+        In a training step: ``MixingSession.loss``, Σ_i f_i w_i ℓ_i / (b * GA) over the
+        micro-batch's samples, with ℓ_i the sample's mean next-token loss, f_i = w_d / q_d of its
+        domain (1 when the plan does not re-weight the loss) and w_i the weighting model's
+        weight (1 without one), so that the GA micro-batches of a rank add up to that rank's
+        mean. Elsewhere (``Trainer.evaluate`` on your eval_dataset) it is the ordinary causal-LM
+        loss of ``labels`` (shifted by one, -100 ignored), summed over ``num_items_in_batch``
+        tokens when the Trainer counts them.
         """
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        logits = _logits(outputs)
         active = self._active
         if active is None:
             return _plain_causal_loss(logits, labels, num_items_in_batch)
@@ -670,17 +531,15 @@ class MixlabCallback(TrainerCallback):
                 "fill; pass train_dataset=mixlab.train_dataset and callbacks=[mixlab] to the "
                 "same Trainer."
             )
-        b = active.micro
-        targets = active.batch.tokens[k * b : (k + 1) * b, 1:].to(logits.device, non_blocking=True)
-        if active.token_losses is not None:
+        assert self.session is not None
+        targets = active.st.tokens(k)[:, 1:].to(logits.device, non_blocking=True)
+        tok = None
+        if self.session.wants_token_losses:
             tok = per_token_cross_entropy(logits, targets)
             losses = tok.mean(dim=1)  # the ops of per_sample_cross_entropy: the same values
-            active.token_losses[k] = tok.detach()
         else:
             losses = per_sample_cross_entropy(logits, targets)
-        factors = self._sample_factors(active, k, losses)
-        weighted = losses if factors is None else losses * factors.to(losses.device)
-        loss = weighted.sum() / (b * len(active.losses))
+        loss = self.session.loss(active.st, k, losses, tok)
         if (
             self._ranks.world_size > 1
             and num_items_in_batch is not None
@@ -689,25 +548,9 @@ class MixlabCallback(TrainerCallback):
             # Trainer.compute_loss multiplies a compute_loss_func's result by the number of
             # processes in this case (it expects a sum over the global token count); undo it.
             loss = loss / self._ranks.world_size
-        active.losses[k] = losses.detach()
+        active.computed[k] = True
         active.current = None
         return loss
-
-    def _sample_factors(self, active: _ActiveStep, k: int, losses: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample loss multipliers [b] of micro-batch ``k`` (``losses`` [b] its per-sample
-        losses), or None for plain averaging: the mixer's w_d / q_d of each sample's domain
-        times the frozen weighting model's weight of the sample.
-
-        This is the one place a sample's weight in the loss is decided.
-        """
-        b = active.micro
-        domains = active.batch.domains[k * b : (k + 1) * b]
-        out = None if active.factors is None else torch.as_tensor(active.factors, dtype=torch.float32)[domains]
-        if self.weighter is not None:
-            tokens = active.batch.tokens[k * b : (k + 1) * b]
-            w = self.weighter.weights(tokens, domains, losses.detach(), active.step).cpu()
-            out = w if out is None else out * w
-        return out
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -715,17 +558,20 @@ class MixlabCallback(TrainerCallback):
         active = self._active
         if active is None:
             return
-        missing = [k for k, loss in enumerate(active.losses) if loss is None]
+        missing = [k for k, done in enumerate(active.computed) if not done]
         if missing:
             # Raised before the first optimizer step, so no update happens on placeholders.
             raise MixlabError(
-                f"step {active.step}: micro-batches {missing} were trained without mixlab's "
+                f"step {active.st.step}: micro-batches {missing} were trained without mixlab's "
                 "loss; pass compute_loss_func=mixlab.compute_loss to the Trainer (the model's "
                 "own loss would train on the placeholder labels)."
             )
-        optimizer = kwargs.get("optimizer")
-        if optimizer is not None:
-            active.lr = float(optimizer.param_groups[0]["lr"])
+        assert self.session is not None
+        self._measuring = True  # the weighting model's passes are not micro-batches
+        try:
+            self.session.before_optimizer_step(active.st)
+        finally:
+            self._measuring = False
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -733,119 +579,92 @@ class MixlabCallback(TrainerCallback):
         active = self._active
         if active is None:
             return
-        assert self.mixer is not None
+        assert self.session is not None
         self._active = None
-        local = torch.cat([x for x in active.losses if x is not None]).float().cpu().numpy()
-        losses = all_gather_array(local, self._ranks)
-        domains = all_gather_array(active.batch.domains.numpy(), self._ranks).astype(np.int64)
-        factors = np.ones(self.m) if active.factors is None else active.factors
-        finite = bool(np.all(np.isfinite(losses)))
+        st = active.st
+        local = torch.cat(st.losses)
+        # Every rank must take the same branch: end_step is a collective.
+        finite = not any_rank(not bool(torch.isfinite(local).all()), self._ranks)
+        plan = st.plan
         if finite:
-            token_losses = None
-            if active.token_losses is not None and all(t is not None for t in active.token_losses):
-                token_losses = torch.cat(active.token_losses).float().cpu()  # type: ignore[arg-type]
-            signals = HFStepSignals(
-                active.step, self, losses, domains, active.batch.tokens, active.lr, token_losses
-            )
-            self.mixer.observe(active.step, signals)
+            result = self.session.end_step(st)
+            losses, domains, loss = result.sample_losses, result.domains, result.loss
         else:
             self.nonfinite_steps += 1
+            losses = np.full(st.batch.global_counts.sum(), np.nan)
+            domains = np.repeat(np.arange(self.m), st.batch.global_counts)
+            loss = float("nan")
         self.history.append(
             StepLog(
-                step=active.step,
-                phase=active.plan.phase,
-                weights=np.asarray(active.plan.weights, dtype=np.float64),
-                counts=None if active.plan.counts is None else np.asarray(active.plan.counts),
-                drawn=active.batch.global_counts.copy(),
-                loss_weights=None
-                if active.plan.loss_weights is None
-                else np.asarray(active.plan.loss_weights, dtype=np.float64),
-                loss=float(np.mean(factors[domains] * losses)),
+                step=st.step,
+                phase=plan.phase,
+                weights=np.asarray(plan.weights, dtype=np.float64),
+                counts=None if plan.counts is None else np.asarray(plan.counts),
+                drawn=st.batch.global_counts.copy(),
+                loss_weights=None if plan.loss_weights is None
+                else np.asarray(plan.loss_weights, dtype=np.float64),
+                loss=loss,
                 domain_losses=per_domain_mean(losses, domains, self.m),
                 observed=finite,
             )
         )
 
-    # ------------------------------------------------------------------ signals
+    # ------------------------------------------------------------------ trackers
 
-    @torch.no_grad()
-    def _mean_losses(self, model: nn.Module, windows: Sequence[torch.Tensor]) -> np.ndarray:
-        """[len(windows)] mean per-sample loss of ``model`` on each set of windows [n, T+1];
-        each rank scores every world-th window and the sums are all-reduced."""
-        r = self._ranks
-        sums = np.zeros(len(windows))
-        counts = np.zeros(len(windows))
-        was_training = model.training
-        model.eval()
-        try:
-            for i, w in enumerate(windows):
-                mine = w[r.rank :: r.world_size]
-                for start in range(0, mine.shape[0], self._eval_bs):
-                    chunk = mine[start : start + self._eval_bs].to(self._device)
-                    logits = _logits(model(input_ids=chunk[:, :-1], use_cache=False))
-                    sums[i] += float(per_sample_cross_entropy(logits, chunk[:, 1:]).double().sum())
-                counts[i] = mine.shape[0]
-        finally:
-            model.train(was_training)
-        return all_reduce_sum(sums, r) / np.maximum(all_reduce_sum(counts, r), 1.0)
+    def log_values(self) -> dict[str, float]:
+        """Scalars for the Trainer's logs: the latest mixture (``mixlab/weight/<domain>``),
+        the mean per-domain train loss since the last log (``mixlab/train_loss/<domain>``) and
+        the mixer's and weighting model's numeric report values (``mixlab/mixer/<key>``,
+        ``mixlab/weighting/<key>``; a per-domain list as ``.../<key>/<domain>``)."""
+        out: dict[str, float] = {}
+        if not self.history or self.session is None:
+            return out
+        last = self.history[-1]
+        for d, w in zip(self.domains, last.weights):
+            out[f"{LOG_PREFIX}weight/{d}"] = float(w)
+        window = [h.domain_losses for h in self.history[self._logged_upto:] if h.observed]
+        if window:
+            dl = np.stack(window)
+            seen = np.isfinite(dl)
+            sums, counts = np.where(seen, dl, 0.0).sum(axis=0), seen.sum(axis=0)
+            for i, d in enumerate(self.domains):
+                if counts[i]:
+                    out[f"{LOG_PREFIX}train_loss/{d}"] = float(sums[i] / counts[i])
+        for section, values in self.session.report(last.step + 1).items():
+            out.update(_flatten(f"{LOG_PREFIX}{section}", values, self.domains))
+        return out
 
-    def eval_losses(self, step: int) -> np.ndarray:
-        """[m] loss of the current model on the eval-signal subset (cached for ``step``)."""
-        if self._eval_cache is None or self._eval_cache[0] != step:
-            assert self._model is not None
-            values = self._mean_losses(self._model, [self._eval_set[d] for d in self.domains])
-            self._eval_cache = (step, values)
-        return self._eval_cache[1].copy()
-
-    @torch.no_grad()
-    def reference_sample_losses(self, tokens: torch.Tensor) -> np.ndarray:
-        """Per-sample losses [B] of the reference model on this rank's ``tokens`` [n, T+1],
-        gathered over ranks in rank order (the order of the step's other per-sample arrays)."""
-        if self.reference_model is None:
-            raise ConfigError(
-                f"mixer '{self.mixer_name}' needs a reference model: pass "
-                "MixlabCallback(..., reference_model=model) with a model trained on the "
-                "reference mixture (e.g. stratified)."
-            )
-        return all_gather_array(self.reference_token_losses(tokens).mean(dim=1).numpy(), self._ranks)
-
-    @torch.no_grad()
-    def reference_token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-token losses [n, T] (float32, CPU) of the reference model on this rank's
-        ``tokens`` [n, T+1] (not gathered)."""
-        if self.reference_model is None:
-            raise ConfigError(
-                f"mixer '{self.mixer_name}' needs a reference model: pass "
-                "MixlabCallback(..., reference_model=model) with a model trained on the "
-                "reference mixture (e.g. stratified)."
-            )
-        out = []
-        for start in range(0, tokens.shape[0], self._eval_bs):
-            chunk = tokens[start : start + self._eval_bs].to(self._device)
-            logits = _logits(self.reference_model(input_ids=chunk[:, :-1], use_cache=False))
-            out.append(per_token_cross_entropy(logits, chunk[:, 1:]).float().cpu())
-        return torch.cat(out)
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        if logs is None or self.session is None or "loss" not in logs:
+            return  # only the training logs (not eval or the final summary)
+        logs.update(self.log_values())
+        self._logged_upto = len(self.history)
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler, the mixer and the counters, as plain Python values (loads with
-        ``torch.load(weights_only=True)``); the same on every rank."""
-        if self.mixer is None or self.sampler is None:
+        """The session's state and the counters, as plain Python values and tensors (loads
+        with ``torch.load(weights_only=True)``); the same on every rank."""
+        if self.session is None:
             raise MixlabError("MixlabCallback has no state before trainer.train() starts.")
         return {
             "version": STATE_VERSION,
-            "global_step": self.sampler.step,
+            "global_step": self.session.sampler.step,
             "identity": self._identity(),
-            "sampler": self.sampler.state_dict(),
-            "mixer": to_plain(self.mixer.state_dict()),
+            "session": to_plain(self.session.state_dict()),
             "nonfinite_steps": self.nonfinite_steps,
         }
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.mixer is None or not state.is_world_process_zero:
+        if self.session is None:
+            return
+        state_dict = self.state_dict()  # on every rank: the weighting state is identical there
+        if not state.is_world_process_zero:
             return
         prefix = _transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
         folder = Path(args.output_dir) / f"{prefix}-{state.global_step}"
@@ -854,7 +673,6 @@ class MixlabCallback(TrainerCallback):
                 f"the Trainer reported a checkpoint at step {state.global_step} but '{folder}' "
                 "does not exist (hyperparameter search runs are not supported)."
             )
-        state_dict = self.state_dict()
         if state_dict["global_step"] != state.global_step:
             raise MixlabError(
                 f"saving at Trainer step {state.global_step} but mixlab is at step "
@@ -865,7 +683,7 @@ class MixlabCallback(TrainerCallback):
         os.replace(tmp, folder / STATE_FILE)  # a reader never sees a half-written state
 
     def _load(self, folder: Path, global_step: int) -> None:
-        assert self.mixer is not None and self.sampler is not None
+        assert self.session is not None
         path = folder / STATE_FILE
         if not path.is_file():
             raise CheckpointError(
@@ -886,19 +704,44 @@ class MixlabCallback(TrainerCallback):
                 f"'{path}' holds mixlab's state at step {state['global_step']}, but the Trainer "
                 f"resumes at step {global_step}; resume_from names another checkpoint."
             )
-        mine = self._identity()
-        diffs = [
-            f"{k}: {state['identity'].get(k)!r} in the checkpoint, {v!r} here"
-            for k, v in mine.items()
-            if state["identity"].get(k) != v
-        ]
+        diffs = _diff(state["identity"], self._identity())
         if diffs:
             raise CheckpointError(
                 f"'{path}' was written by a different mixlab setup: " + "; ".join(diffs) + "."
             )
-        self.sampler.load_state_dict(state["sampler"])
-        self.mixer.load_state_dict(state["mixer"])
+        self.session.load_state_dict(state["session"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
+
+
+def _diff(saved: Mapping[str, Any], mine: Mapping[str, Any], where: str = "") -> list[str]:
+    """'key: saved in the checkpoint, mine here' for every leaf that differs."""
+    out = []
+    for k in sorted(set(saved) | set(mine)):
+        a, b = saved.get(k), mine.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _diff(a, b, f"{where}{k}.")
+        elif a != b:
+            out.append(f"{where}{k}: {a!r} in the checkpoint, {b!r} here")
+    return out
+
+
+def _flatten(prefix: str, values: Any, domains: list[str]) -> dict[str, float]:
+    """Numeric leaves of a report dict as ``prefix/key`` scalars; a list of one number per
+    domain becomes ``prefix/key/<domain>``; other values are left out."""
+    out: dict[str, float] = {}
+    if isinstance(values, Mapping):
+        for k, v in values.items():
+            out.update(_flatten(f"{prefix}/{k}", v, domains))
+    elif isinstance(values, (int, float)) and not isinstance(values, bool):
+        if np.isfinite(values):
+            out[prefix] = float(values)
+    elif isinstance(values, (list, tuple)) and len(values) == len(domains) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
+        for d, v in zip(domains, values):
+            if np.isfinite(v):
+                out[f"{prefix}/{d}"] = float(v)
+    return out
 
 
 def _logits(outputs: Any) -> torch.Tensor:

@@ -184,6 +184,9 @@ class Mixer:
     """True when the mixture changes during training (these take part in ``mixlab demo``)."""
     needs_reference: ClassVar[bool] = False
     """True when the method needs a reference model (``[mixer] reference``), like DoReMi."""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Capabilities of the training driver its signals need (``mixlab.train.session.CAPABILITIES``:
+    ``"full_model"``, ``"branches"``); a driver that lacks one refuses the mixer up front."""
 
     @dataclass
     class Config:

@@ -218,6 +218,7 @@ class DGA(Mixer):
     target's (needs a target set: ``target.path`` or ``target.domain``)."""
 
     dynamic = True
+    needs = frozenset({"full_model"})  # per-sample alignments
 
     @dataclass
     class Config:

@@ -145,6 +145,7 @@ class DoGE(Mixer):
     """DoGE proxy run: α up-weights domains whose gradient helps the others (or a target)."""
 
     dynamic = True
+    needs = frozenset({"full_model"})  # per-domain gradients / alignments
 
     @dataclass
     class Config:

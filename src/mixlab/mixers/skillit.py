@@ -76,6 +76,7 @@ class SkillIt(Mixer):
     """Skill-It online: multiplicative weights driven by a learned skills graph and eval losses."""
 
     dynamic = True
+    needs = frozenset({"full_model", "branches"})  # branch runs for its graph
 
     @dataclass
     class Config:

@@ -356,8 +356,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     """
     from mixlab.data.format import DataDir, atomic_dir
     from mixlab.model.hf import HFCausalLM, require_transformers
+    from mixlab.train.checkpoint import load_run_model
     from mixlab.train.config import load_config
-    from mixlab.train.loop import load_run_model
 
     run, out = Path(run_dir), Path(out_dir)
     transformers = require_transformers()

@@ -157,6 +157,20 @@ class HFCausalLM(nn.Module):
         self.attention = attention
 
     @classmethod
+    def view(cls, model: nn.Module) -> HFCausalLM:
+        """mixlab's contract over a model someone else trains (the HF Trainer's), changing
+        nothing about it: no dtype cast, no attention switch, all logits. Its attention path is
+        read from the model's config (``"eager"`` is ``"math"``; anything else counts as
+        ``"sdpa"``, and switching back after a ``"math"`` measurement selects ``"sdpa"``)."""
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.hf = model
+        out.embedding_rows = out.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        out._attention = "math" if impl == "eager" else "sdpa"
+        return out
+
+    @classmethod
     def from_config(
         cls,
         source: str | Path | Mapping[str, Any],

@@ -37,6 +37,13 @@ RESUME_FREE_KEYS = (
     "checkpoint.keep",
     "checkpoint.every",
     "log.tensorboard",
+    "log.wandb",
+    "log.wandb_project",
+    "log.wandb_entity",
+    "log.wandb_mode",
+    "log.mlflow",
+    "log.mlflow_uri",
+    "log.mlflow_experiment",
 )
 
 
@@ -188,3 +195,23 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any],
     except Exception as exc:
         raise CheckpointError(f"checkpoint state {path / 'state.pt'} is unreadable: {exc}") from None
     return meta, state
+
+
+def load_run_model(run_dir: str | Path, data: Any = None) -> torch.nn.Module:
+    """The final model of a finished run (its ``model.safetensors`` and ``config.toml``);
+    ``data`` (a ``DataDir``), when given, must share the run's tokenizer."""
+    from mixlab.data.format import DataDir
+    from mixlab.model import build_model
+    from mixlab.train.config import load_config
+
+    run = Path(run_dir)
+    weights = run / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"'{run}' has no model.safetensors; is it a finished mixlab run?")
+    cfg = load_config(run / "config.toml")
+    run_data = DataDir.open(cfg.data.dir)
+    if data is not None and run_data.manifest.tokenizer_sha256 != data.manifest.tokenizer_sha256:
+        raise CheckpointError(f"run '{run}' used a different tokenizer than this run's data dir.")
+    model = build_model(cfg.model, run_data.vocab_size, cfg.data.seq_len)
+    load_model(model, weights)
+    return model

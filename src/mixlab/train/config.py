@@ -230,10 +230,46 @@ class CheckpointConfig:
             )
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 @dataclass
 class LogConfig:
+    """Trackers that mirror the scalars of metrics.jsonl (docs/trackers.md). metrics.jsonl is
+    always written; each tracker is an optional extra, checked when training starts."""
+
     tensorboard: bool = False
-    """Also write TensorBoard event files under RUN/tb (needs `pip install tensorboard`)."""
+    """Also write TensorBoard event files under RUN/tb (needs `pip install 'mixlab[tensorboard]'`)."""
+    wandb: bool = False
+    """Also log to Weights & Biases, one W&B run per mixlab run, named after the run dir (needs
+    `pip install 'mixlab[wandb]'`). Its files go under $WANDB_DIR, else RUN/wandb."""
+    wandb_project: str = ""
+    """W&B project; empty = $WANDB_PROJECT, else 'mixlab'."""
+    wandb_entity: str = ""
+    """W&B entity (user or team); empty = $WANDB_ENTITY, else your default entity."""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """'online' (needs `wandb login`), 'offline' (files only; upload later with `wandb sync`) or
+    'disabled'. Unset = $WANDB_MODE, else 'online', as W&B itself decides."""
+    mlflow: bool = False
+    """Also log to MLflow, one MLflow run per mixlab run, named after the run dir (needs
+    `pip install 'mixlab[mlflow]'`)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (a server 'http://...', or 'sqlite:///path.db'); empty =
+    $MLFLOW_TRACKING_URI, else a SQLite store in RUN/mlflow.db."""
+    mlflow_experiment: str = ""
+    """MLflow experiment (created if missing); empty = $MLFLOW_EXPERIMENT_NAME, else 'mixlab'."""
+
+    def __post_init__(self) -> None:
+        # from_dict checks the Literal; a LogConfig built in Python is checked here.
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(
+                f"log.wandb_mode must be one of {', '.join(map(repr, WANDB_MODES))} or unset, "
+                f"got {self.wandb_mode!r}."
+            )
+        for name in ("wandb_project", "wandb_entity", "mlflow_uri", "mlflow_experiment"):
+            value = getattr(self, name)
+            if value != value.strip():
+                raise ConfigError(f"log.{name} has leading or trailing spaces: {value!r}.")
 
 
 @dataclass

@@ -48,23 +48,23 @@ from mixlab.errors import CheckpointError, ConfigError
 from mixlab.train import evaluate
 from mixlab.train.distributed import DistInfo
 
-FULL_MODEL_MIXERS: dict[str, str] = {
-    "dga": "per-sample alignments (forward-mode derivatives through the whole model)",
-    "doge": "per-domain gradients (one backward per domain through the whole model) or per-sample alignments",
-    "skillit": "branch runs (a full copy of the model trained per domain for its skills graph)",
-}
-"""Mixers whose signals read the full, unsharded parameters on every rank, with the reason."""
+PROVIDES: frozenset[str] = frozenset()
+"""Capabilities a sharded run gives the mixing session (``train.session.CAPABILITIES``): none,
+since each rank holds only a shard of the parameters."""
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def check_mixer(name: str) -> None:
-    """Raise ``ConfigError`` when mixer ``name`` cannot run on a sharded model."""
-    if name in FULL_MODEL_MIXERS:
+    """Raise ``ConfigError`` when mixer ``name`` needs a capability a sharded model lacks."""
+    from mixlab.mixers.base import mixer_class
+
+    if mixer_class(name).needs - PROVIDES:
         raise ConfigError(
-            f"mixer '{name}' needs {FULL_MODEL_MIXERS[name]}, and under train.parallel = 'fsdp' "
-            "each rank holds only a shard of the parameters. Use train.parallel = 'ddp' "
-            "(the default) for this mixer."
+            f"mixer '{name}' needs the whole, unsharded parameters on every rank (its signals "
+            "are per-sample alignments, per-domain gradients or branch copies of the model), "
+            "and under train.parallel = 'fsdp' each rank holds only a shard. Use "
+            "train.parallel = 'ddp' (the default) for this mixer."
         )
 
 

@@ -1,8 +1,8 @@
 """Lazily computed signals handed to a mixer after each step (see ``mixers.base.Signals``).
 
-Besides the loss signals, this module holds the trainer side of the alignment engine
+Besides the loss signals, this module holds the session side of the alignment engine
 (``measure_alignments``): it draws measurement batches with exact per-domain counts from the
-trainer's auxiliary data stream (never the training stream), builds the direction (target,
+session's auxiliary data stream (never the training stream), builds the direction (target,
 validation or domain gradient), optionally preconditions it with AdamW's second moment, and
 runs ``mixlab.signals.alignment`` on the bare model. Under ``torchrun`` every rank measures its
 slice of each measurement batch and the values are gathered in rank order, so every rank
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,10 +35,47 @@ from mixlab.signals.alignment import (
     stratified_counts,
 )
 from mixlab.train.distributed import all_gather_array
-from mixlab.train.schedule import lr_at
 
 if TYPE_CHECKING:
-    from mixlab.train.loop import Trainer
+    from mixlab.data.format import DataDir
+    from mixlab.data.sampler import MixtureSampler
+    from mixlab.train.config import TrainConfig
+    from mixlab.train.distributed import DistInfo
+    from mixlab.train.evaluate import EvalSet
+    from mixlab.train.target import TargetSet
+
+class Session(Protocol):
+    """What the signals read of a run: ``mixlab.train.session.MixingSession`` provides it."""
+
+    cfg: TrainConfig
+    data: DataDir
+    domains: list[str]
+    m: int
+    dist: DistInfo
+    aux_sampler: MixtureSampler
+    signal_set: EvalSet
+    target: TargetSet | None
+    reference: torch.nn.Module | None
+    rank: int
+    world: int
+
+    @property
+    def provides(self) -> frozenset[str]: ...
+    @property
+    def model(self) -> torch.nn.Module: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]: ...
+    def learning_rate(self, step: int) -> float: ...
+    def signal_eval_losses(self, step: int) -> np.ndarray: ...
+    def target_probe_loss(self, step: int) -> float: ...
+    def reference_sample_losses(self, tokens: torch.Tensor) -> np.ndarray: ...
+    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int, step: int,
+                           lr: float | None = None) -> np.ndarray: ...
+
 
 DIRECTIONS = ("target", "val", "domains")
 """Directions ``measure_alignments`` can build: the mean-loss gradient of the target's probe
@@ -66,8 +103,8 @@ def model_token_losses(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """Per-token losses [n, T] (float32, CPU) of ``model`` on ``tokens`` [n, T+1], in eval mode
-    (no dropout, no RNG drawn; the mode is restored), one forward as the trainer's reference
-    pass (``Trainer.reference_sample_losses``)."""
+    (no dropout, no RNG drawn; the mode is restored), one forward as the session's reference
+    pass (``Session.reference_sample_losses``)."""
     was_training = model.training
     model.eval()
     try:
@@ -82,7 +119,7 @@ def model_token_losses(
 class StepSignals:
     """Signals of one finished step. Every expensive value is computed on first use only.
 
-    ``token_losses`` [b_local, T], when the trainer gives it, holds the per-token losses of this
+    ``token_losses`` [b_local, T], when the session gives it, holds the per-token losses of this
     rank's rows of the batch from the training forward (before the optimizer step); without it
     ``excess_losses`` runs the model once more on the batch, after the step.
     """
@@ -90,14 +127,16 @@ class StepSignals:
     def __init__(
         self,
         step: int,
-        trainer: Trainer,
+        session: Session,
         sample_losses: np.ndarray | None,
         domains: np.ndarray | None,
         batch_tokens: torch.Tensor | None,
         token_losses: torch.Tensor | None = None,
+        lr: float | None = None,
     ):
         self.step = step
-        self._trainer = trainer
+        self._lr = lr
+        self._session = session
         self._losses = sample_losses
         self._domains = domains
         self._tokens = batch_tokens
@@ -110,45 +149,45 @@ class StepSignals:
         return self._cache[key]
 
     def train_losses(self) -> np.ndarray:
-        m = self._trainer.m
+        m = self._session.m
         if self._losses is None:
             return np.full(m, np.nan)
         return per_domain_mean(self._losses, self._domains, m)
 
     def train_counts(self) -> np.ndarray:
-        m = self._trainer.m
+        m = self._session.m
         if self._domains is None:
             return np.zeros(m, dtype=np.int64)
         return np.bincount(self._domains, minlength=m)
 
     def eval_losses(self) -> np.ndarray:
-        return self._trainer.signal_eval_losses(self.step)
+        return self._session.signal_eval_losses(self.step)
 
     def target_loss(self) -> float:
-        return self._trainer.target_probe_loss(self.step)
+        return self._session.target_probe_loss(self.step)
 
     def reference_losses(self) -> np.ndarray:
         def compute() -> np.ndarray:
             if self._tokens is None:
-                return np.full(self._trainer.m, np.nan)
-            ref = self._trainer.reference_sample_losses(self._tokens)
-            return per_domain_mean(ref, self._domains, self._trainer.m)
+                return np.full(self._session.m, np.nan)
+            ref = self._session.reference_sample_losses(self._tokens)
+            return per_domain_mean(ref, self._domains, self._session.m)
 
         return self._cached("reference", compute)  # type: ignore[return-value]
 
     def excess_losses(self) -> np.ndarray:
         """[m] DoReMi's per-domain excess loss of this step's batch: the mean over the domain's
         tokens of max(ℓ_proxy - ℓ_ref, 0), clipped per token (sangmichaelxie/doremi
-        ``doremi/trainer.py:252``); NaN for a domain with no sample.
+        ``doremi/session.py:252``); NaN for a domain with no sample.
 
-        ℓ_proxy comes from the training forward when the trainer passed ``token_losses`` (the
+        ℓ_proxy comes from the training forward when the session passed ``token_losses`` (the
         reference's order: the excess of the batch the proxy is trained on, before its step);
         otherwise from one more forward of the model after the optimizer step, which reads each
         loss one step late (slightly lower on the batch just trained on).
         """
 
         def compute() -> np.ndarray:
-            tr = self._trainer
+            tr = self._session
             if self._tokens is None or self._domains is None:
                 return np.full(tr.m, np.nan)
             if tr.reference is None:
@@ -167,9 +206,11 @@ class StepSignals:
 
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
         mixtures = np.atleast_2d(np.asarray(mixtures, dtype=np.float64))
-        if mixtures.shape[1] != self._trainer.m:
-            raise ConfigError(f"branch mixtures must have {self._trainer.m} columns.")
-        return self._trainer.branch_eval_deltas(mixtures, steps, self.step)
+        if mixtures.shape[1] != self._session.m:
+            raise ConfigError(f"branch mixtures must have {self._session.m} columns.")
+        # The lr of the step observed: a driver whose scheduler already moved on (the HF
+        # Trainer's) trains the branches as the step itself was trained.
+        return self._session.branch_eval_deltas(mixtures, steps, self.step, self.learning_rate())
 
     # ------------------------------------------------------------ alignment signals
 
@@ -183,14 +224,14 @@ class StepSignals:
         target_windows: int = 0,
     ) -> SampleAlignments:
         return measure_alignments(
-            self._trainer, self.step, counts, direction, method, precondition, probes, self._cache,
+            self._session, self.step, counts, direction, method, precondition, probes, self._cache,
             target_windows,
         )
 
     def domain_gradient_gram(
         self, counts: np.ndarray, target: bool = False, target_windows: int = 0
     ) -> np.ndarray:
-        return domain_gradient_gram(self._trainer, self.step, counts, target, target_windows,
+        return domain_gradient_gram(self._session, self.step, counts, target, target_windows,
                                     self._cache)
 
     def alignment(
@@ -200,24 +241,27 @@ class StepSignals:
         method: str = "jvp",
         precondition: bool = False,
     ) -> np.ndarray:
-        m = self._trainer.m
+        m = self._session.m
         if counts is None:
-            counts = stratified_counts(m, self._trainer.cfg.train.batch_size)
+            counts = stratified_counts(m, self._session.cfg.train.batch_size)
         res = self.sample_alignments(counts, direction, method, precondition)
         return group_mean(res.values, res.domains, m)
 
     def learning_rate(self) -> float:
-        return learning_rate_at(self._trainer, max(self.step, 0))
+        # The lr the driver used for this step, else the schedule's (start() asks at step -1).
+        if self._lr is not None and np.isfinite(self._lr):
+            return float(self._lr)
+        return self._session.learning_rate(max(self.step, 0))
 
     def target_histogram(self) -> np.ndarray:
-        return target_histogram(self._trainer)
+        return target_histogram(self._session)
 
     def cluster_parents(self) -> np.ndarray:
-        return cluster_parents(self._trainer)
+        return cluster_parents(self._session)
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainer side of the alignment engine.
+# The session side of the alignment engine.
 
 
 def measurement_batches(counts: np.ndarray, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -252,23 +296,23 @@ def keep_mask(domains: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return rank < np.asarray(keep)[d]
 
 
-def _check_counts(trainer: Trainer, counts: np.ndarray) -> np.ndarray:
+def _check_counts(session: Session, counts: np.ndarray) -> np.ndarray:
     try:
         c = np.asarray(counts)
         f = c.astype(np.float64)
     except (TypeError, ValueError):
         raise ConfigError(f"alignment counts must be a vector of integers, got {counts!r}.") from None
-    if c.shape != (trainer.m,) or not np.all(np.isfinite(f)) or np.any(f != np.round(f)) or np.any(f < 0):
+    if c.shape != (session.m,) or not np.all(np.isfinite(f)) or np.any(f != np.round(f)) or np.any(f < 0):
         raise ConfigError(
-            f"alignment counts must be {trainer.m} non-negative integers (one per domain), got "
+            f"alignment counts must be {session.m} non-negative integers (one per domain), got "
             f"{c.tolist()}."
         )
     return f.astype(np.int64)
 
 
-def _all_reduce_direction(trainer: Trainer, d: Direction) -> Direction:
+def _all_reduce_direction(session: Session, d: Direction) -> Direction:
     """Sum a direction over ranks (each rank computed its share of the windows)."""
-    info = trainer.dist
+    info = session.dist
     if info.enabled:
         import torch.distributed as dist
 
@@ -277,18 +321,18 @@ def _all_reduce_direction(trainer: Trainer, d: Direction) -> Direction:
     return d
 
 
-def _window_gradient(trainer: Trainer, windows: torch.Tensor, weights: torch.Tensor) -> Direction:
+def _window_gradient(session: Session, windows: torch.Tensor, weights: torch.Tensor) -> Direction:
     """∇ Σ_x w_x ℓ_x over ``windows`` [n, T+1] (weights [n] global), split over ranks."""
-    info = trainer.dist
+    info = session.dist
     mine = slice(info.rank, None, info.world_size)
     local, w = windows[mine], weights[mine]
     if local.shape[0] == 0:
         grads = {n: torch.zeros_like(p, dtype=torch.float32)
-                 for n, p in trainer.model.named_parameters() if p.requires_grad}
+                 for n, p in session.model.named_parameters() if p.requires_grad}
     else:
-        grads = loss_gradient(trainer.model, local, w, chunk_size=trainer.cfg.eval.batch_size,
-                              autocast=trainer.autocast)
-    return _all_reduce_direction(trainer, grads)
+        grads = loss_gradient(session.model, local, w, chunk_size=session.cfg.eval.batch_size,
+                              autocast=session.autocast)
+    return _all_reduce_direction(session, grads)
 
 
 def target_window_subset(n: int, size: int, seed: int, step: int) -> np.ndarray:
@@ -300,27 +344,27 @@ def target_window_subset(n: int, size: int, seed: int, step: int) -> np.ndarray:
     return np.sort(np.random.default_rng([_TARGET_TAG, seed, step + 1]).choice(n, size, replace=False))
 
 
-def target_gradient(trainer: Trainer, windows: int = 0, step: int = 0) -> Direction:
+def target_gradient(session: Session, windows: int = 0, step: int = 0) -> Direction:
     """Gradient of the mean loss over the target's probe windows (the only part methods see),
     or over a seeded subset of ``windows`` of them at this ``step`` (see
     ``target_window_subset``), which bounds the cost when the probe part is large."""
-    if trainer.target is None:
+    if session.target is None:
         raise ConfigError(
             "this mixer aligns with a target: set target.path (a few documents) or target.domain."
         )
-    probe = trainer.target.probe
-    pick = target_window_subset(probe.shape[0], windows, trainer.cfg.train.seed, step)
+    probe = session.target.probe
+    pick = target_window_subset(probe.shape[0], windows, session.cfg.train.seed, step)
     probe = probe[torch.from_numpy(pick)]
-    return _window_gradient(trainer, probe, torch.full((probe.shape[0],), 1.0 / probe.shape[0]))
+    return _window_gradient(session, probe, torch.full((probe.shape[0],), 1.0 / probe.shape[0]))
 
 
-def validation_gradient(trainer: Trainer) -> Direction:
+def validation_gradient(session: Session) -> Direction:
     """Gradient of the average over domains of each domain's mean loss on the mixer-eval
     validation windows (the loss ``eval_losses`` reports)."""
-    sets = [trainer.signal_set.windows[d] for d in trainer.domains]
+    sets = [session.signal_set.windows[d] for d in session.domains]
     windows = torch.cat(sets)
     weights = torch.cat([torch.full((w.shape[0],), 1.0 / (len(sets) * w.shape[0])) for w in sets])
-    return _window_gradient(trainer, windows, weights)
+    return _window_gradient(session, windows, weights)
 
 
 @dataclass
@@ -339,13 +383,13 @@ class _Part:
     """[B] domain index of every row of the whole batch."""
 
 
-def _draw(trainer: Trainer, counts: np.ndarray) -> list[_Part]:
+def _draw(session: Session, counts: np.ndarray) -> list[_Part]:
     """Measurement batches with exactly ``counts`` measured samples per domain, drawn from the
     auxiliary stream (see ``measurement_batches``)."""
-    info = trainer.dist
+    info = session.dist
     parts = []
-    for draw, keep in measurement_batches(counts, trainer.cfg.train.batch_size):
-        batch = trainer.aux_sampler.next_batch(counts=draw)
+    for draw, keep in measurement_batches(counts, session.cfg.train.batch_size):
+        batch = session.aux_sampler.next_batch(counts=draw)
         local = batch.domains.numpy()
         gathered = all_gather_array(local, info).astype(np.int64)
         mask = keep_mask(gathered, keep)
@@ -356,48 +400,48 @@ def _draw(trainer: Trainer, counts: np.ndarray) -> list[_Part]:
     return parts
 
 
-def domains_gradient(trainer: Trainer, counts: np.ndarray) -> Direction:
+def domains_gradient(session: Session, counts: np.ndarray) -> Direction:
     """Σ_i ∇ mean_{x in domain i} ℓ_x on a fresh auxiliary batch with ``counts`` [m] samples per
     domain (domains with count 0 left out): DoGE's sum of domain gradients, in one backward."""
     grads = {n: torch.zeros_like(p, dtype=torch.float32)
-             for n, p in trainer.model.named_parameters() if p.requires_grad}
-    for part in _draw(trainer, counts):
+             for n, p in session.model.named_parameters() if p.requires_grad}
+    for part in _draw(session, counts):
         if part.tokens.shape[0] == 0:
             continue
         # Weight 1 / (count of the sample's domain): the sum of the per-domain means.
         w = torch.as_tensor(1.0 / counts[part.domains], dtype=torch.float32)
-        g = loss_gradient(trainer.model, part.tokens, w, chunk_size=trainer.cfg.eval.batch_size,
-                          autocast=trainer.autocast)
+        g = loss_gradient(session.model, part.tokens, w, chunk_size=session.cfg.eval.batch_size,
+                          autocast=session.autocast)
         grads = {n: grads[n] + g[n] for n in grads}
-    return _all_reduce_direction(trainer, grads)
+    return _all_reduce_direction(session, grads)
 
 
-def domain_gradients(trainer: Trainer, counts: np.ndarray) -> list[Direction | None]:
+def domain_gradients(session: Session, counts: np.ndarray) -> list[Direction | None]:
     """[m] ∇ mean_{x in domain i} ℓ_x of each domain on one fresh auxiliary batch with
     ``counts`` [m] samples per domain (None for a domain with count 0): the per-domain gradients
-    of DoGE's reference (Olivia-fsm/DoGE ``src/trainer.py:722-737``, one backward per domain).
+    of DoGE's reference (Olivia-fsm/DoGE ``src/session.py:722-737``, one backward per domain).
     Memory: one gradient buffer per domain. Under ``torchrun`` each rank differentiates its rows
     and every gradient is all-reduced (the same collectives on every rank)."""
     grads: list[Direction | None] = [
         {n: torch.zeros_like(p, dtype=torch.float32)
-         for n, p in trainer.model.named_parameters() if p.requires_grad} if c > 0 else None
+         for n, p in session.model.named_parameters() if p.requires_grad} if c > 0 else None
         for c in counts
     ]
-    for part in _draw(trainer, counts):
+    for part in _draw(session, counts):
         for i, g in enumerate(grads):
             rows = np.flatnonzero(part.domains == i)
             if g is None or rows.size == 0:
                 continue
             w = torch.full((rows.size,), 1.0 / float(counts[i]), dtype=torch.float32)
-            gi = loss_gradient(trainer.model, part.tokens[torch.from_numpy(rows)], w,
-                               chunk_size=trainer.cfg.eval.batch_size, autocast=trainer.autocast)
+            gi = loss_gradient(session.model, part.tokens[torch.from_numpy(rows)], w,
+                               chunk_size=session.cfg.eval.batch_size, autocast=session.autocast)
             for n in g:
                 g[n] += gi[n]
-    return [None if g is None else _all_reduce_direction(trainer, g) for g in grads]
+    return [None if g is None else _all_reduce_direction(session, g) for g in grads]
 
 
 def domain_gradient_gram(
-    trainer: Trainer,
+    session: Session,
     step: int,
     counts: np.ndarray,
     target: bool = False,
@@ -408,15 +452,15 @@ def domain_gradient_gram(
     ``domain_gradients`` (k = m) and, with ``target``, of the target's probe gradient as row and
     column m (k = m + 1; ``target_windows`` as in ``measure_alignments``, cached per step).
     Rows and columns of a domain with count 0 are NaN."""
-    c = _check_counts(trainer, counts)
+    c = _check_counts(session, counts)
     if int(c.sum()) <= 0:
         raise ConfigError("domain_gradient_gram needs at least one sample.")
-    grads = domain_gradients(trainer, c)
+    grads = domain_gradients(session, c)
     if target:
         cache = {} if cache is None else cache
         key = f"direction:target:{target_windows}"
         if key not in cache:
-            cache[key] = target_gradient(trainer, target_windows, step)
+            cache[key] = target_gradient(session, target_windows, step)
         grads.append(cache[key])
     k = len(grads)
     gram = np.full((k, k), np.nan)
@@ -428,13 +472,13 @@ def domain_gradient_gram(
     return gram
 
 
-def _probe_seed(trainer: Trainer, step: int, r: int) -> int:
-    seq = np.random.SeedSequence([_PROBE_TAG, trainer.cfg.train.seed, step + 1, r])
+def _probe_seed(session: Session, step: int, r: int) -> int:
+    seq = np.random.SeedSequence([_PROBE_TAG, session.cfg.train.seed, step + 1, r])
     return int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def measure_alignments(
-    trainer: Trainer,
+    session: Session,
     step: int,
     counts: np.ndarray,
     direction: str = "target",
@@ -446,7 +490,7 @@ def measure_alignments(
 ) -> SampleAlignments:
     """Per-sample ``<∇ℓ_x, P v>`` on a fresh measurement batch with exactly ``counts`` [m]
     samples per domain (any positive total), drawn global batch by global batch from
-    ``trainer.aux_sampler``. ``direction`` is one of ``DIRECTIONS``; ``method`` "jvp" or "fd"
+    ``session.aux_sampler``. ``direction`` is one of ``DIRECTIONS``; ``method`` "jvp" or "fd"
     (the finite difference runs in float32 without autocast: bf16 rounding would swamp the
     difference); ``probes`` adds that many seeded Gaussian directions (``probe_values``).
     ``cache`` (per step) keeps the target and validation gradients between calls of one step.
@@ -461,22 +505,22 @@ def measure_alignments(
         raise ConfigError(f"alignment method {method!r} is not one of 'jvp', 'fd'.")
     if probes < 0 or target_windows < 0:
         raise ConfigError(f"probes and target_windows must be >= 0, got {probes}, {target_windows}.")
-    c = _check_counts(trainer, counts)
+    c = _check_counts(session, counts)
     cache = {} if cache is None else cache
     if direction == "domains":
-        v = domains_gradient(trainer, c)
+        v = domains_gradient(session, c)
     else:
         key = f"direction:{direction}:{target_windows if direction == 'target' else 0}"
         if key not in cache:
-            cache[key] = (target_gradient(trainer, target_windows, step) if direction == "target"
-                          else validation_gradient(trainer))
+            cache[key] = (target_gradient(session, target_windows, step) if direction == "target"
+                          else validation_gradient(session))
         v = cache[key]
-    pv = precondition(v, trainer.optimizer, trainer.model) if precondition_with_adam else v
+    pv = precondition(v, session.optimizer, session.model) if precondition_with_adam else v
     sq = dot(v, pv)
-    parts = _draw(trainer, c)
+    parts = _draw(session, c)
     domains = np.concatenate([p.global_domains[p.global_mask] for p in parts])
-    autocast = contextlib.nullcontext if method == "fd" else trainer.autocast
-    chunk = trainer.cfg.eval.batch_size
+    autocast = contextlib.nullcontext if method == "fd" else session.autocast
+    chunk = session.cfg.eval.batch_size
 
     def measure(d: Direction) -> np.ndarray:
         out = []
@@ -485,39 +529,32 @@ def measure_alignments(
             local = np.full(p.local_mask.size, np.nan)
             if p.tokens.shape[0]:
                 local[p.local_mask] = per_sample_alignments(
-                    trainer.model, p.tokens, d, method, chunk_size=chunk, autocast=autocast
+                    session.model, p.tokens, d, method, chunk_size=chunk, autocast=autocast
                 ).double().numpy()
-            out.append(all_gather_array(local, trainer.dist)[p.global_mask])
+            out.append(all_gather_array(local, session.dist)[p.global_mask])
         return np.concatenate(out)
 
     values = measure(pv)
     probe_values = np.zeros((probes, values.size))
     for r in range(probes):
-        probe_values[r] = measure(gaussian_direction(trainer.model, _probe_seed(trainer, step, r)))
+        probe_values[r] = measure(gaussian_direction(session.model, _probe_seed(session, step, r)))
     return SampleAlignments(values=values, domains=domains, direction_sq_norm=sq, probe_values=probe_values)
 
 
-def learning_rate_at(trainer: Trainer, step: int) -> float:
-    """The learning rate of 0-based optimizer step ``step`` under the run's schedule."""
-    o = trainer.cfg.optim
-    return lr_at(step, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=trainer.cfg.train.steps,
-                 min_lr_ratio=o.min_lr_ratio)
-
-
-def probe_texts(trainer: Trainer) -> list[str]:
+def probe_texts(session: Session) -> list[str]:
     """The documents of the target's probe part, decoded from its windows (the windows were cut
     from one stream of the probe documents, each ending with EOS, so flattening them in order
     gives that stream back, up to the tail shorter than a window)."""
-    assert trainer.target is not None
-    stream = trainer.target.probe.reshape(-1).numpy()
-    ends = np.flatnonzero(stream == trainer.data.eos_id)
+    assert session.target is not None
+    stream = session.target.probe.reshape(-1).numpy()
+    ends = np.flatnonzero(stream == session.data.eos_id)
     pieces = np.split(stream, ends + 1)
-    tok = trainer.data.tokenizer()
+    tok = session.data.tokenizer()
     texts = [tok.decode([int(i) for i in p], skip_special_tokens=True) for p in pieces]
     return [t for t in texts if t.strip()]
 
 
-def target_histogram(trainer: Trainer) -> np.ndarray:
+def target_histogram(session: Session) -> np.ndarray:
     """[m] distribution of the target's probe documents over the run's domains (clusters).
 
     A target held out from one domain (``target.domain``) lies in that domain: one-hot. A
@@ -526,49 +563,49 @@ def target_histogram(trainer: Trainer) -> np.ndarray:
     token-weighted) and restricted to the run's domains; on a data dir that is not clustered
     this raises a ``ConfigError`` that says to give the histogram as a mixer option instead.
     """
-    cfg = trainer.cfg.target
-    if not cfg.enabled or trainer.target is None:
+    cfg = session.cfg.target
+    if not cfg.enabled or session.target is None:
         raise ConfigError(
             "this mixer needs the target's cluster histogram: set target.path or target.domain, "
             "or give mixer.options.histogram = {domain = weight, ...}."
         )
     if cfg.domain:
-        if cfg.domain not in trainer.domains:
+        if cfg.domain not in session.domains:
             raise ConfigError(
-                f"target.domain '{cfg.domain}' is not one of the run's domains {trainer.domains}; "
+                f"target.domain '{cfg.domain}' is not one of the run's domains {session.domains}; "
                 "give mixer.options.histogram instead."
             )
-        h = np.zeros(trainer.m)
-        h[trainer.domains.index(cfg.domain)] = 1.0
+        h = np.zeros(session.m)
+        h[session.domains.index(cfg.domain)] = 1.0
         return h
     from mixlab.data.cluster import cluster_histogram
     from mixlab.errors import DataError
 
     try:
-        full = np.asarray(cluster_histogram(trainer.data, probe_texts(trainer)), dtype=np.float64)
+        full = np.asarray(cluster_histogram(session.data, probe_texts(session)), dtype=np.float64)
     except DataError as exc:
         raise ConfigError(
             f"cannot assign the target '{cfg.path}' to clusters: {exc} Or give "
             "mixer.options.histogram = {domain = weight, ...} (the target's share per domain)."
         ) from None
-    index = {d: i for i, d in enumerate(trainer.data.domains)}
-    return np.array([full[index[d]] for d in trainer.domains])
+    index = {d: i for i, d in enumerate(session.data.domains)}
+    return np.array([full[index[d]] for d in session.domains])
 
 
-def cluster_parents(trainer: Trainer) -> np.ndarray:
+def cluster_parents(session: Session) -> np.ndarray:
     """[m] int64 coarse-cluster index of each run domain, from the data dir manifest's
     ``extra["clusters"]["parents"]`` (written by ``mixlab cluster --coarse K1``): a list in the
     manifest's domain order, or a mapping from domain name to coarse index."""
-    extra = trainer.data.manifest.extra or {}
+    extra = session.data.manifest.extra or {}
     clusters = extra.get("clusters")
     parents = clusters.get("parents") if isinstance(clusters, dict) else None
     if parents is None:
         raise ConfigError(
-            f"data dir '{trainer.cfg.data.dir}' has no cluster hierarchy (manifest extra "
+            f"data dir '{session.cfg.data.dir}' has no cluster hierarchy (manifest extra "
             "'clusters.parents'); build it with `mixlab cluster --coarse K1`, or use the mixer "
             "without distribution reweighting."
         )
-    names = trainer.data.domains
+    names = session.data.domains
     if isinstance(parents, dict):
         lookup = {str(k): v for k, v in parents.items()}
     else:
@@ -577,10 +614,10 @@ def cluster_parents(trainer: Trainer) -> np.ndarray:
                 f"manifest clusters.parents has {len(parents)} entries for {len(names)} domains."
             )
         lookup = dict(zip(names, parents))
-    missing = [d for d in trainer.domains if d not in lookup]
+    missing = [d for d in session.domains if d not in lookup]
     if missing:
         raise ConfigError(f"manifest clusters.parents has no entry for domain(s) {missing}.")
-    out = np.array([int(lookup[d]) for d in trainer.domains], dtype=np.int64)
+    out = np.array([int(lookup[d]) for d in session.domains], dtype=np.int64)
     if out.min() < 0:
         raise ConfigError("manifest clusters.parents holds a negative coarse index.")
     return out

@@ -1,6 +1,6 @@
-"""The trainer's side of per-sample weighting: validation data, the bi-level step, records.
+"""The session's side of per-sample weighting: validation data, the bi-level step, records.
 
-``RunWeighting`` sits between ``Trainer`` and ``mixlab.weighting.DataWeighter``: it draws the
+``RunWeighting`` sits between the mixing session (``train.session``) and ``mixlab.weighting.DataWeighter``: it draws the
 validation windows the weighting model optimises for, computes the factorised hypergradient
 from the LM's own training gradient (see ``mixlab.weighting.bilevel``), sums the weighting
 model's gradients over ranks, and gathers each step's weights for the analysis. Every rank
@@ -41,46 +41,49 @@ from mixlab.weighting.bilevel import (
 from mixlab.weighting.dwm import DataWeighter
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mixlab.data.sampler import Batch
-    from mixlab.train.loop import Trainer
+    from mixlab.train.signals import Session
 
 VAL_SEED_OFFSET = 2_000_029
 
 
 class RunWeighting:
-    """Per-sample weighting of one run (built by the trainer when ``weighting.name != 'none'``)."""
+    """Per-sample weighting of one run (built by the session when ``weighting.name != 'none'``)."""
 
-    def __init__(self, trainer: Trainer):
-        cfg, t = trainer.cfg.weighting, trainer.cfg.train
-        self.trainer = trainer
+    def __init__(self, session: Session):
+        cfg, t = session.cfg.weighting, session.cfg.train
+        self.session = session
         self.cfg = cfg
-        if getattr(t, "parallel", "ddp") == "fsdp" and trainer.dist.enabled and not cfg.frozen:
+        if "full_model" not in session.provides and not cfg.frozen:
             raise ConfigError(
                 "weighting.name = 'dwm' trains its weighting model from per-sample alignments, "
-                "which need the whole LM on every rank; use train.parallel = 'ddp', or a frozen "
-                "weighting model (weighting.load + weighting.frozen = true)."
+                "which need the whole LM on every rank (under train.parallel = 'fsdp' each rank "
+                "holds a shard); use train.parallel = 'ddp', or a frozen weighting model "
+                "(weighting.load + weighting.frozen = true)."
             )
         mode = cfg.validation
         if mode == "auto":
-            mode = "target" if trainer.target is not None else "val"
-        if mode == "target" and trainer.target is None:
+            mode = "target" if session.target is not None else "val"
+        if mode == "target" and session.target is None:
             raise ConfigError("weighting.validation = 'target' needs a target set (target.path or target.domain).")
         self.mode = mode
         self.val_batch = cfg.val_batch or t.batch_size
-        if self.val_batch % trainer.world:
+        if self.val_batch % session.world:
             raise ConfigError(
-                f"weighting.val_batch {self.val_batch} must be divisible by the number of processes {trainer.world}."
+                f"weighting.val_batch {self.val_batch} must be divisible by the number of processes {session.world}."
             )
         self.weighter = DataWeighter(
-            cfg, vocab_size=trainer.data.vocab_size, domains=trainer.domains,
-            tokenizer_sha256=trainer.data.manifest.tokenizer_sha256, total_steps=t.steps,
-            device=trainer.device, seed=t.seed,
+            cfg, vocab_size=session.data.vocab_size, domains=session.domains,
+            tokenizer_sha256=session.data.manifest.tokenizer_sha256, total_steps=t.steps,
+            device=session.device, seed=t.seed,
         )
         self.val_sampler: MixtureSampler | None = None
         if mode == "val":
             self.val_sampler = MixtureSampler(
-                trainer.data, "val", trainer.cfg.data.seq_len, self.val_batch,
-                t.seed + VAL_SEED_OFFSET, trainer.rank, trainer.world, trainer.domains,
+                session.data, "val", session.cfg.data.seq_len, self.val_batch,
+                t.seed + VAL_SEED_OFFSET, session.rank, session.world, session.domains,
             )
 
     # ---------------------------------------------------------------- the step
@@ -93,20 +96,20 @@ class RunWeighting:
     def val_tokens(self, step: int) -> torch.Tensor:
         """This rank's share [val_batch / world, T+1] of the validation windows for ``step``."""
         if self.val_sampler is not None:
-            m = len(self.trainer.domains)
+            m = len(self.session.domains)
             return self.val_sampler.next_batch(weights=np.full(m, 1.0 / m)).tokens
-        probe = self.trainer.target.probe  # type: ignore[union-attr]
+        probe = self.session.target.probe  # type: ignore[union-attr]
         # Seeded by the step, so it needs no state to resume exactly.
-        rng = np.random.default_rng([self.trainer.cfg.train.seed, 13, step])
+        rng = np.random.default_rng([self.session.cfg.train.seed, 13, step])
         idx = rng.integers(0, probe.shape[0], self.val_batch)
-        per = self.val_batch // self.trainer.world
-        return probe[torch.from_numpy(idx[self.trainer.rank * per : (self.trainer.rank + 1) * per])]
+        per = self.val_batch // self.session.world
+        return probe[torch.from_numpy(idx[self.session.rank * per : (self.session.rank + 1) * per])]
 
     def update(self, step: int, batch: Batch, losses: torch.Tensor, factors: torch.Tensor | None,
                lr: float, micro: int) -> bool:
         """The bi-level update at ``step``; call after the LM's backward, before clipping and the
         optimizer step (``.grad`` holds the gradient of Σ f_i w_i ℓ_i / B, reduced over ranks)."""
-        tr = self.trainer
+        tr = self.session
         model = tr.model
         grads = self._lookahead_gradient(step, batch, losses, factors, micro)
         eta = self.cfg.lookahead_lr or lr
@@ -145,7 +148,7 @@ class RunWeighting:
         mixing the two is the hypergradient of no lookahead at all. Eval mode on both sides is
         exact for the deterministic lookahead, which is also the model L_val is measured on.
         """
-        tr = self.trainer
+        tr = self.session
         model = tr.model
         if not has_dropout(model):
             return {
@@ -177,7 +180,7 @@ class RunWeighting:
         return np.array([float(flat.sum()), float((flat * flat).sum())])
 
     def _sum_grads(self, net: torch.nn.Module) -> None:
-        if not self.trainer.dist.enabled:
+        if not self.session.dist.enabled:
             return
         for p in net.parameters():
             if p.grad is not None:
@@ -187,7 +190,7 @@ class RunWeighting:
         """Add this step's weights (this rank's [b]) to the analysis; ``domains_all`` [B] are
         the global batch's domains, already gathered by the loop."""
         local = weights.detach().double().cpu().numpy()
-        all_w = all_gather_array(local, self.trainer.dist)
+        all_w = all_gather_array(local, self.session.dist)
         self.weighter.record(step, all_w, domains_all, batch.tokens, local, batch.domains.numpy())
 
     # ---------------------------------------------------------------- state and files
@@ -203,10 +206,10 @@ class RunWeighting:
         if self.val_sampler is not None:
             self.val_sampler.load_state_dict(state["val_sampler"])
 
-    def save(self) -> None:
-        """Write RUN/dwm.safetensors and RUN/dwm.json (rank 0 only)."""
-        tok = self.trainer.data.tokenizer()
-        self.weighter.save(self.trainer.out, lambda ids: tok.decode(ids, skip_special_tokens=False))
+    def save(self, out_dir: Path) -> None:
+        """Write OUT/dwm.safetensors and OUT/dwm.json (rank 0 only)."""
+        tok = self.session.data.tokenizer()
+        self.weighter.save(out_dir, lambda ids: tok.decode(ids, skip_special_tokens=False))
 
     def summary(self) -> dict[str, Any]:
         w = self.weighter
