@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -317,6 +318,18 @@ def _check_manifest_fields(data: dict[str, Any], where: str) -> None:
                     bad(f"{at}: {key} = {value} but its shards hold {total}")
 
 
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(path: str | Path, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of a .npy file, one thread at a time: numpy parses the header with
+    ``ast.literal_eval``, and CPython 3.11's compiler keeps global state that concurrent calls
+    corrupt ("AST constructor recursion depth mismatch", seen in CI when shards are verified
+    in parallel threads)."""
+    with _NPY_LOCK:
+        return np.load(path, mmap_mode=mmap_mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
     path = Path(path)
@@ -462,7 +475,7 @@ class DomainSplit:
     def offsets(self, s: int) -> np.ndarray:
         o = self._offsets[s]
         if o is None:
-            o = np.load(self.root / self.info.shards[s].idx, mmap_mode="r")
+            o = load_npy(self.root / self.info.shards[s].idx, mmap_mode="r")
             self._offsets[s] = o
         return o
 
@@ -594,7 +607,7 @@ class DataDir:
                 found.append(f"offsets file {idx_path} is missing; {fix}.")
                 continue
             try:
-                offsets = np.load(idx_path, mmap_mode="r")
+                offsets = load_npy(idx_path, mmap_mode="r")
                 ok = offsets.shape == (sh.docs + 1,) and int(offsets[-1]) == sh.tokens
             except (ValueError, OSError, EOFError):
                 ok = False
@@ -659,7 +672,7 @@ class DataDir:
                 )
             if sh.idx_sha256 and _scan_file(idx_path, None, True)[0] != sh.idx_sha256:
                 return f"offsets file {idx_path} is corrupt: its sha256 is not the manifest's; {fix}."
-            offsets = np.load(idx_path)
+            offsets = load_npy(idx_path)
             if int(offsets[0]) != 0 or bool((np.diff(offsets) < 0).any()):
                 return f"offsets file {idx_path} is corrupt: offsets must rise from 0; {fix}."
             _SCANNED[key] = top
