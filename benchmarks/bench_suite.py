@@ -312,7 +312,8 @@ def settings(small_tokens: int) -> dict[str, Setting]:
         "unlearnable": Setting("unlearnable", "(a) 5 real + 1 unlearnable (random tokens)",
                                [*REAL, "noise"], {**uni, "noise": 0.0}),
         "duplicate": Setting("duplicate", "(b) medical present twice (split in 2 halves)",
-                             DUP, {**uni, "medical_a": 0.1, "medical_b": 0.1}),
+                             DUP, {**{d: w for d, w in uni.items() if d != "medical"},
+                                   "medical_a": 0.1, "medical_b": 0.1}),
         "constrained": Setting(
             "constrained", f"(c) news cut to {small_tokens // 1000}k training tokens", REAL, uni,
             target={"domain": "news", "docs": 40, "probe_fraction": 0.5},

@@ -182,3 +182,10 @@ def test_row_configs_and_threads(suite, tiny_data, tmp_path):
 
     # compare --jobs 2 on 2 cores keeps the configured one thread per run.
     assert parallelism(2, 10, cores=2, threads=1) == (2, 1)
+
+
+def test_every_setting_reports_a_distribution_over_its_own_domains(suite):
+    for key, s in suite.settings(10_000).items():
+        assert set(s.report) == set(s.domains), key
+        assert sum(s.report.values()) == pytest.approx(1.0), key
+    assert suite.settings(10_000)["unlearnable"].report["noise"] == 0.0
