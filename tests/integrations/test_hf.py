@@ -383,3 +383,28 @@ def test_frozen_weighting_model_multiplies_each_samples_loss(tiny_data, tmp_path
     make_synthetic_datadir(other, {"a": 10, "b": 10}, vocab_size=80)
     with pytest.raises(ConfigError, match="different tokenizer"):
         MixlabCallback(other, "stratified", seq_len=SEQ, weighting=run)
+
+
+def test_logs_carry_the_mixture_and_the_mean_domain_losses_since_the_last_log(tiny_data, tmp_path):
+    """on_log adds the latest step's mixture and, per domain, the mean of the per-step domain
+    losses since the previous log (re-computed here from the history by hand); attach() puts the
+    callback before every other callback, so reporting integrations see these keys."""
+    cb = MixlabCallback(tiny_data, "odm", seq_len=SEQ)
+    seen: list[dict] = []
+
+    class Reporter(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                seen.append(dict(logs))
+
+    t = trainer(tmp_path / "out", cb, gpt2(), steps=6, logging_steps=3, callbacks=[Reporter(), cb])
+    cb.attach(t)
+    assert t.callback_handler.callbacks[0] is cb
+    t.train()
+    assert len(seen) == 2
+    for logs, window in zip(seen, (cb.history[0:3], cb.history[3:6])):
+        for i, d in enumerate(cb.domains):
+            assert logs[f"mixlab/weight/{d}"] == float(window[-1].weights[i])
+            vals = [h.domain_losses[i] for h in window if np.isfinite(h.domain_losses[i])]
+            # a mean of <= 3 float64 values in another summation order: <= 3 ulp apart.
+            assert logs[f"mixlab/train_loss/{d}"] == pytest.approx(sum(vals) / len(vals), rel=1e-12)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from mixlab.config import from_dict
 from mixlab.data.budget import RepetitionBudget
 from mixlab.data.format import DataDir
 from mixlab.data.sampler import Batch, MixtureSampler
-from mixlab.errors import ConfigError
+from mixlab.errors import CheckpointError, ConfigError
 from mixlab.mixers.base import (
     MixerContext,
     Plan,
@@ -540,8 +540,6 @@ class MixingSession:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from mixlab.errors import CheckpointError
-
         self._started = True  # a resumed run's mixer has started already
         self.sampler.load_state_dict(state["sampler"])
         self.aux_sampler.load_state_dict(state["aux_sampler"])
@@ -556,9 +554,3 @@ class MixingSession:
         """Write OUT/dwm.safetensors and OUT/dwm.json when the run trains a weighting model."""
         if self.weighting is not None:
             self.weighting.save(Path(out_dir))
-
-    def batches(self, micro_batches: int = 1) -> Iterator[ActiveStep]:
-        """Steps from the sampler's current position to ``train.steps``, each begun (for a loop
-        that prefers iterating); call ``loss``/``end_step`` on each as usual."""
-        while self.sampler.step < self.cfg.train.steps:
-            yield self.begin_step(self.sampler.step, micro_batches)
