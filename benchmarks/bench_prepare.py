@@ -12,7 +12,13 @@ run's and its workers' user + system time (``RUSAGE_CHILDREN``); CPU / wall is t
 cores the run actually got, which on a shared machine says whether a second worker found a
 free core. Runs of different worker counts alternate, so load hits them alike; medians.
 
+``--datasets`` adds a row per worker count for the same corpus read through Hugging Face
+``datasets`` (each domain saved once with ``Dataset.save_to_disk``, then read memory-mapped in
+batches by ``mixlab.data.hf_datasets``), and checks that its shards are byte-identical to the
+plain jsonl reader's (the shard sha256s of the two manifests).
+
     python benchmarks/bench_prepare.py [--mb 200] [--memory-mb 64] [--workers 1,2] [--repeats 1]
+                                       [--datasets]
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--dir", default="", help="work folder (default: a temporary one)")
+    ap.add_argument("--datasets", action="store_true",
+                    help="also read the corpus through Hugging Face datasets (save_to_disk folders)")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
 
@@ -98,27 +106,39 @@ def main() -> int:
         tok = bpe.train_bpe(sample, args.vocab_size)
         tok.save(str(root / "tok.json"))
 
+        readers = {"jsonl": ("corpus", "tiny")}
+        if args.datasets:
+            t0 = time.perf_counter()
+            for name in ("corpus", "tiny"):
+                save_as_datasets(root / name, root / f"ds-{name}", domains)
+            print(f"saved as datasets folders in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            readers["datasets"] = ("ds-corpus", "ds-tiny")
+        rows = [(reader, w) for reader in readers for w in workers]
         load_before = os.getloadavg()
-        results: dict[int, list[dict]] = {w: [] for w in workers}
-        base: dict[int, list[float]] = {w: [] for w in workers}
+        results: dict[tuple[str, int], list[dict]] = {k: [] for k in rows}
+        base: dict[tuple[str, int], list[float]] = {k: [] for k in rows}
         for rep in range(args.repeats):
-            for w in workers:
+            for reader, w in rows:
+                big, tiny = readers[reader]
                 b = run_prepare(
-                    root / "tiny", root / f"b{w}-{rep}", root / "tok.json", w, args.memory_mb
+                    root / tiny, root / f"b{reader}{w}-{rep}", root / "tok.json", w, args.memory_mb
                 )
-                base[w].append(b["peak_mb"])
+                base[reader, w].append(b["peak_mb"])
                 r = run_prepare(
-                    root / "corpus", root / f"o{w}-{rep}", root / "tok.json", w, args.memory_mb
+                    root / big, root / f"o{reader}{w}-{rep}", root / "tok.json", w, args.memory_mb
                 )
-                results[w].append(r)
-                print(f"workers {w}: {r}", file=sys.stderr)
+                results[reader, w].append(r)
+                print(f"{reader}, workers {w}: {r}", file=sys.stderr)
         load_after = os.getloadavg()
+        same = {w: shard_hashes(root / f"odatasets{w}-0") == shard_hashes(root / f"ojsonl{w}-0")
+                for w in workers} if args.datasets else {}
 
-    med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in results.items()}
-    text_mb = med[workers[0]]["text_mb"]
+    med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} for k, rs in results.items()}
+    first = med[rows[0]]
+    text_mb = first["text_mb"]
     print(
-        f"corpus: {text_mb:.1f} MB of text, {med[workers[0]]['tokens']:,.0f} tokens "
-        f"({text_mb * 1e6 / med[workers[0]]['tokens']:.2f} bytes/token), 4 domains, "
+        f"corpus: {text_mb:.1f} MB of text, {first['tokens']:,.0f} tokens "
+        f"({text_mb * 1e6 / first['tokens']:.2f} bytes/token), 4 domains, "
         f"vocab {args.vocab_size}; --memory-mb {args.memory_mb:g}"
     )
     print(
@@ -128,16 +148,16 @@ def main() -> int:
     )
     print()
     print(
-        "| workers | wall s | CPU s | cores used | read+clean MB/s | encode MB/s | overall MB/s "
+        "| reader | workers | wall s | CPU s | cores used | read+clean MB/s | encode MB/s | overall MB/s "
         "| peak anon MB | baseline MB | growth MB | growth / cap | growth / corpus |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for w in workers:
-        m = med[w]
-        b = statistics.median(base[w])
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for reader, w in rows:
+        m = med[reader, w]
+        b = statistics.median(base[reader, w])
         growth = m["peak_mb"] - b
         print(
-            f"| {w} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['cpu_s'] / m['wall_s']:.2f} "
+            f"| {reader} | {w} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['cpu_s'] / m['wall_s']:.2f} "
             f"| {m['read_mbs']:.1f} | {m['encode_mbs']:.2f} "
             f"| {text_mb / m['wall_s']:.2f} | {m['peak_mb']:.0f} | {b:.0f} | {growth:.1f} "
             f"| {growth / args.memory_mb:.2f} | {growth / text_mb:.3f} |"
@@ -147,10 +167,35 @@ def main() -> int:
         print()
         print(
             f"encode throughput ratio {w1} vs {w0} workers: "
-            f"{med[w1]['encode_mbs'] / med[w0]['encode_mbs']:.2f}x; overall (wall) "
-            f"{med[w0]['wall_s'] / med[w1]['wall_s']:.2f}x"
+            f"{med['jsonl', w1]['encode_mbs'] / med['jsonl', w0]['encode_mbs']:.2f}x; overall (wall) "
+            f"{med['jsonl', w0]['wall_s'] / med['jsonl', w1]['wall_s']:.2f}x"
         )
-    return 0
+    for w in workers if args.datasets else ():
+        print()
+        print(
+            f"datasets vs jsonl reader, {w} worker(s): wall {med['datasets', w]['wall_s'] / med['jsonl', w]['wall_s']:.2f}x, "
+            f"read+clean {med['datasets', w]['read_mbs'] / med['jsonl', w]['read_mbs']:.2f}x; "
+            f"shards byte-identical: {'yes' if same[w] else 'NO'}"
+        )
+    return 0 if all(same.values()) else 1
+
+
+def save_as_datasets(src: Path, out: Path, domains: tuple[str, ...]) -> None:
+    """Each domain's jsonl files of ``src`` as one ``Dataset.save_to_disk`` folder ``out/DOMAIN``
+    (rows in file order, so the documents are the plain reader's, in its order)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    for d in domains:
+        files = sorted(str(p) for p in (src / d).glob("*.jsonl"))
+        datasets.Dataset.from_json(files, cache_dir=str(out.parent / "hf-cache")).save_to_disk(str(out / d))
+
+
+def shard_hashes(data_dir: Path) -> dict[str, list[str]]:
+    """domain/split -> the sha256 of each shard, from a data dir's manifest."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return {f"{d['name']}/{s}": [sh["sha256"] for sh in sp["shards"]]
+            for d in manifest["domains"] for s, sp in d["splits"].items()}
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def test_every_driver_gives_the_same_mixture_trajectory(world, tmp_path, case):
         assert np.ptp(a, axis=0).max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["dga", "skillit", "dwm", "doremi"])
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_own_loop_and_trainer_resume_exactly(world, tmp_path, case):
     data, ref = world
     extra = extra_for(case, ref)

@@ -155,6 +155,24 @@ def test_too_many_nonfinite_stops_with_checkpoint(tiny_cfg, tmp_path, monkeypatc
     assert list((tmp_path / "r" / "checkpoints").glob("step-0000003"))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # sqlalchemy on MLflow's own code
+def test_the_nonfinite_abort_ends_the_tracker_run_as_failed(tiny_cfg, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    import mixlab.train.loop as loop
+
+    real = loop.per_sample_loss
+    monkeypatch.setattr(loop, "per_sample_loss", lambda m, t: real(m, t) * float("inf") if m.training else real(m, t))
+    with pytest.raises(MixlabError, match="NaN/inf loss"):
+        train(tiny_cfg("train.max_nonfinite=3", "log.mlflow=true"), tmp_path / "r")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mixlab").experiment_id])
+    # Before the loop closed its trackers on every exit, this run stayed RUNNING.
+    assert run.info.status == "FAILED"
+
+
 def test_eval_is_deterministic(tiny_cfg, tmp_path):
     a = Trainer(tiny_cfg(), tmp_path / "a")
     b = Trainer(tiny_cfg(), tmp_path / "b")

@@ -387,31 +387,32 @@ class Trainer:
         bar = _progress(t.steps, self.state.step, t.progress and self.is_main)
         t0 = time.perf_counter() - self.state.elapsed_s
         last_ckpt = time.perf_counter()
-        with StopRequests("mixlab train") as stops:
-            while self.state.step < t.steps:
-                self._one_step(metrics, bar, t0, log)
-                # Checkpoints and stops happen here, between steps, where the loop's state (model,
-                # optimizer, sampler, mixer, log window) is whole: resuming is bit-identical.
-                done, now = self.state.step, time.perf_counter()
-                every, minutes = self.cfg.checkpoint.every, self.cfg.checkpoint.minutes
-                due = bool(every and done % every == 0) or bool(minutes and now - last_ckpt >= 60 * minutes)
-                signum = stops.signum or 0
-                if self.dist.enabled:  # one rank's clock or signal decides for all
-                    due_all, signum = all_reduce_max(np.array([float(due), float(signum)]), self.dist)
-                    due, signum = bool(due_all), int(signum)
-                if done < t.steps and (due or signum):
-                    self.state.elapsed_s = now - t0
-                    ckpt = self.checkpoint()
-                    last_ckpt = time.perf_counter()
-                    if signum:
-                        bar.close()
-                        metrics.close("killed")
-                        name = signal.Signals(signum).name
-                        raise Stopped(
-                            f"{name}: stopped after step {done} with a checkpoint at {ckpt}; "
-                            "continue with the same command and --resume.", signum)
-        bar.close()
-        metrics.close()
+        # Any way out of the loop ends the tracker runs: finished, killed (a signal) or failed
+        # (the non-finite abort or an error), so no W&B or MLflow run is left RUNNING.
+        with metrics:
+            with StopRequests("mixlab train") as stops:
+                while self.state.step < t.steps:
+                    self._one_step(metrics, bar, t0, log)
+                    # Checkpoints and stops happen here, between steps, where the loop's state (model,
+                    # optimizer, sampler, mixer, log window) is whole: resuming is bit-identical.
+                    done, now = self.state.step, time.perf_counter()
+                    every, minutes = self.cfg.checkpoint.every, self.cfg.checkpoint.minutes
+                    due = bool(every and done % every == 0) or bool(minutes and now - last_ckpt >= 60 * minutes)
+                    signum = stops.signum or 0
+                    if self.dist.enabled:  # one rank's clock or signal decides for all
+                        due_all, signum = all_reduce_max(np.array([float(due), float(signum)]), self.dist)
+                        due, signum = bool(due_all), int(signum)
+                    if done < t.steps and (due or signum):
+                        self.state.elapsed_s = now - t0
+                        ckpt = self.checkpoint()
+                        last_ckpt = time.perf_counter()
+                        if signum:
+                            bar.close()
+                            name = signal.Signals(signum).name
+                            raise Stopped(
+                                f"{name}: stopped after step {done} with a checkpoint at {ckpt}; "
+                                "continue with the same command and --resume.", signum)
+            bar.close()
         self.state.elapsed_s = time.perf_counter() - t0
         self.checkpoint()
         # The steps of the runs this one read (DoReMi's reference, Aioli's prior_run) are the
