@@ -7,7 +7,7 @@ b. corrupted data: a copy of the data dir in which a stated fraction (``--fracti
    domain's *train* tokens is corrupted, whole documents at a time (half of them: tokens shuffled
    within the document; the other half: replaced by the tokens of a document of another domain),
    val/test untouched; the same three methods, plus DWM reading the LM's loss (``use_loss``);
-   and tokens-only DWM with 10x the default weighting.lr;
+   and tokens-only DWM with 10x the default weighting.options.lr;
    the final weighting models are scored on held-out clean vs shuffled windows (AUC) and on
    labelled training windows (mean weight of clean / shuffled / swapped windows);
 c. transfer: the weighting model of each (b) DWM run, frozen, weights the batches of an LM
@@ -21,7 +21,7 @@ e. DSIR-selected data with and without DWM: ``mixlab.offline.select`` keeps ``--
    b, also ``use_loss``), against the uniform runs of (b) on the whole corrupted pool (same
    seeds); the share of corrupted pieces in each selection.
 
-Every run validates against the clean val split (``weighting.validation = 'val'``). Prints
+Every run validates against the clean val split (``weighting.options.validation = 'val'``). Prints
 Markdown tables; ``OUT/results.json`` holds every number (the parts of earlier invocations are
 kept). Finished runs are reused.
 
@@ -58,8 +58,8 @@ from mixlab.data.format import (
 
 
 def _reexec_with_malloc_env() -> None:
-    """Run under the glibc settings the ``mixlab`` command uses (see ``mixlab.cli.MALLOC_ENV``)."""
-    from mixlab.cli import MALLOC_ENV
+    """Run under the glibc settings the ``mixlab`` command uses (see ``mixlab.orchestrate.launch.MALLOC_ENV``)."""
+    from mixlab.orchestrate.launch import MALLOC_ENV
 
     missing = {k: v for k, v in MALLOC_ENV.items() if k not in os.environ}
     if missing:
@@ -249,16 +249,16 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def dwm_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
-    return ["weighting.name='dwm'", f"weighting.stages={args.stages}",
-            f"weighting.updates_per_stage={args.updates}", "weighting.validation='val'",
-            "weighting.method='jvp'", *extra]
+    return ["weighting.name='dwm'", f"weighting.options.stages={args.stages}",
+            f"weighting.options.updates_per_stage={args.updates}", "weighting.options.validation='val'",
+            "weighting.options.method='jvp'", *extra]
 
 
 METHODS: dict[str, list[str]] = {
     "uniform": [],
     "dwm": ["DWM"],
-    "dwm_loss": ["DWM", "weighting.use_loss=true"],
-    "dwm_lr0.03": ["DWM", "weighting.lr=0.03"],
+    "dwm_loss": ["DWM", "weighting.options.use_loss=true"],
+    "dwm_lr0.03": ["DWM", "weighting.options.lr=0.03"],
     f"dwm+{MIXER}": ["DWM", f"mixer.name='{MIXER}'"],
 }
 
@@ -467,7 +467,7 @@ def main() -> int:
     ap.add_argument("--parts", default="a,b,c,d,e")
     ap.add_argument("--out-dir", default="data/bench-dwm")
     ap.add_argument("--stages", type=int, default=5)
-    ap.add_argument("--updates", type=int, default=10, help="weighting.updates_per_stage")
+    ap.add_argument("--updates", type=int, default=10, help="weighting.options.updates_per_stage")
     ap.add_argument("--big", default="128,3,4", help="d_model,n_layer,n_head of the LM of part c")
     ap.add_argument("--transfer-seeds", type=int, default=2)
     ap.add_argument("--transfer-from", default="dwm_loss", help="part c: (b) methods whose DWM is transferred, comma-separated")
@@ -476,7 +476,7 @@ def main() -> int:
                     help="part d: plain/DWM-jvp/DWM-fd triples timed in process CPU time")
     ap.add_argument("--no-loss-variant", action="store_true", help="part b: skip DWM with use_loss")
     ap.add_argument("--no-lr-variant", action="store_true",
-                    help="part b: skip tokens-only DWM with 10x the default weighting.lr (0.03)")
+                    help="part b: skip tokens-only DWM with 10x the default weighting.options.lr (0.03)")
     ap.add_argument("--select-fraction", type=float, default=0.7,
                     help="part e: share of the corrupted pool's train pieces DSIR keeps")
     ap.add_argument("--select-methods", default="uniform,dwm,dwm_loss",
@@ -492,8 +492,8 @@ def main() -> int:
     parts = set(args.parts.split(","))
     _reexec_with_malloc_env()
 
-    from mixlab.commands.demo import cache_dir
     from mixlab.data.prepare import PrepareConfig, prepare
+    from mixlab.orchestrate.demo import cache_dir
 
     t_start = time.perf_counter()
     out = Path(args.out_dir) / ("quick" if args.quick else f"steps{args.steps}")
@@ -577,7 +577,7 @@ def main() -> int:
         rs = []
         for i in range(args.timing_pairs):
             seed = 100 + i
-            order = [("plain", []), ("fd", dwm_overrides(args, "weighting.method='fd'"))]
+            order = [("plain", []), ("fd", dwm_overrides(args, "weighting.options.method='fd'"))]
             if i % 2:
                 order.reverse()
             wall = {}
@@ -595,7 +595,7 @@ def main() -> int:
             seed = 200 + i
             times = {}
             for tag, extra in (("plain", []), ("jvp", dwm_overrides(args)),
-                               ("fd", dwm_overrides(args, "weighting.method='fd'")))[:: 1 if i % 2 == 0 else -1]:
+                               ("fd", dwm_overrides(args, "weighting.options.method='fd'")))[:: 1 if i % 2 == 0 else -1]:
                 d_out = out / "d_cpu" / tag / f"s{seed}"
                 run(clean_dir, d_out, [f"train.seed={seed}", *extra], args)
                 times[tag] = json.loads((d_out / "bench_time.json").read_text())["cpu_s"]
@@ -628,8 +628,8 @@ def main() -> int:
                 s_small = run(corrupt_dir, src, [f"train.seed={seed}", *method_overrides(args, m)], args)
                 small_params = s_small["parameters"]
                 variants.append((f"frozen {m} from small", f"frozen_{m}", [
-                    "weighting.name='dwm'", f"weighting.load='{src}'", "weighting.frozen=true",
-                    f"weighting.stages={args.stages}", "weighting.validation='val'"]))
+                    "weighting.name='dwm'", f"weighting.options.load='{src}'", "weighting.options.frozen=true",
+                    f"weighting.options.stages={args.stages}", "weighting.options.validation='val'"]))
             variants += [(f"big + in-run {m}", f"big_{m}", method_overrides(args, m)) for m in sources]
             for name, tag, extra in variants:
                 s = run(corrupt_dir, out / "c" / tag / f"s{seed}", [f"train.seed={seed}", *big, *extra], args)
@@ -641,8 +641,8 @@ def main() -> int:
             for m in sources:
                 src = out / "b" / m / f"s{seed}"
                 s = run(corrupt_dir, out / "c" / f"small_frozen_{m}" / f"s{seed}", [
-                    f"train.seed={seed}", "weighting.name='dwm'", f"weighting.load='{src}'",
-                    "weighting.frozen=true", f"weighting.stages={args.stages}", "weighting.validation='val'"], args)
+                    f"train.seed={seed}", "weighting.name='dwm'", f"weighting.options.load='{src}'",
+                    "weighting.options.frozen=true", f"weighting.options.stages={args.stages}", "weighting.options.validation='val'"], args)
                 controls[f"small + frozen {m} (its own, from step 0)"].append(
                     {"seed": seed, "val": s["val"]["avg_loss"], "test": s["test"]["avg_loss"], "wall": s["wall_time_s"]})
         results["c"] = rows

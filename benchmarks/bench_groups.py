@@ -28,12 +28,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mixlab.commands.demo import cache_dir, load_demo_config
-from mixlab.commands.sweep import account_final, plan_sweep, sweep
 from mixlab.config import apply_overrides
 from mixlab.data.prepare import PrepareConfig, prepare
 from mixlab.mixers.base import MIXERS, mixer_class
-from mixlab.report.compare import ComparePlan, Progress, compare, plan_compare
+from mixlab.orchestrate.compare import ComparePlan, compare, plan_compare
+from mixlab.orchestrate.demo import cache_dir, load_demo_config
+from mixlab.orchestrate.scheduler import Progress
+from mixlab.orchestrate.sweep import account_final, plan_sweep, sweep
 from mixlab.report.runs import load_run
 from mixlab.report.table import build_comparison, to_csv
 

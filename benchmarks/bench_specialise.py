@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from mixlab.commands.demo import cache_dir, load_demo_config
 from mixlab.config import apply_overrides, from_dict
 from mixlab.data.cluster import ClusterConfig, cluster
 from mixlab.data.format import DataDir
 from mixlab.data.prepare import PrepareConfig, prepare
+from mixlab.orchestrate.demo import cache_dir, load_demo_config
 from mixlab.train.config import TrainConfig
 from mixlab.train.loop import train
 

@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 
-from mixlab.commands.demo import cache_dir, load_demo_config
 from mixlab.config import apply_overrides
 from mixlab.data.format import (
     MANIFEST,
@@ -81,6 +80,7 @@ from mixlab.data.format import (
     write_shard,
 )
 from mixlab.data.prepare import PrepareConfig, prepare
+from mixlab.orchestrate.demo import cache_dir, load_demo_config
 
 SPLITS = ("train", "val", "test")
 PROXY_SEED = 100
@@ -436,7 +436,8 @@ def run_dir(out: Path, setting: str, row: Row, seed: int) -> Path:
 
 def run_row(row: Row, setting: Setting, general: dict[str, Any], out: Path, args: argparse.Namespace,
             fixed: Mapping[str, float] | None = None) -> None:
-    from mixlab.report.compare import Progress, compare, plan_compare
+    from mixlab.orchestrate.compare import compare, plan_compare
+    from mixlab.orchestrate.scheduler import Progress
 
     raw = row_raw(row, setting, general, args.budget_epochs, fixed)
     mixers = [row.mixer] if row.group != "main" else ["stratified", row.mixer]
@@ -451,8 +452,7 @@ def launcher(args: argparse.Namespace) -> Any:
     """With --jobs 1, runs train in this process, one after the other (``inline_launcher``: no
     interpreter start-up and data-dir check per run, ~2-3 s of a ~25 s run); else subprocesses,
     ``--jobs`` at a time. Same configs, so the same results."""
-    from mixlab.commands.sweep import _Finished, inline_launcher
-    from mixlab.report.compare import subprocess_launcher
+    from mixlab.orchestrate.launch import Finished, inline_launcher, subprocess_launcher
 
     if args.jobs != 1:
         return subprocess_launcher
@@ -464,15 +464,16 @@ def launcher(args: argparse.Namespace) -> Any:
             return inline_launcher(spec, resume, threads)
         except Exception as exc:  # any failure of one run
             say(f"run {spec.run_dir} failed: {type(exc).__name__}: {exc}")
-            return _Finished(1)
+            return Finished(1)
 
     return inline
 
 
 def best_fixed(setting: Setting, general: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The sweep of a setting and its chosen mixture (cached in ``<setting>/best-fixed.json``)."""
-    from mixlab.commands.sweep import plan_sweep, sweep
-    from mixlab.report.compare import Progress, compare, plan_compare
+    from mixlab.orchestrate.compare import compare, plan_compare
+    from mixlab.orchestrate.scheduler import Progress
+    from mixlab.orchestrate.sweep import plan_sweep, sweep
 
     path = out / setting.key / "best-fixed.json"
     sdir = out / setting.key / "sweep"
@@ -549,7 +550,7 @@ def train_all(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row
 
 def _account(out: Path, key: str, row: Row, seeds: int) -> None:
     """best-fixed's summaries count the sweep's proxy steps as extra steps (``account_final``)."""
-    from mixlab.commands.sweep import account_final
+    from mixlab.orchestrate.sweep import account_final
 
     info = json.loads((out / key / "best-fixed.json").read_text(encoding="utf-8"))
     for seed in range(seeds):

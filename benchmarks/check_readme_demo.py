@@ -19,14 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from mixlab.commands.demo import (
+from mixlab.errors import MixlabError
+from mixlab.report.demo_table import (
     TABLE_FILE,
     readme_differences,
     readme_table,
     replace_readme_table,
     table_diff,
 )
-from mixlab.errors import MixlabError
 
 REPO = Path(__file__).resolve().parents[1]
 

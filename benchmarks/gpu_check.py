@@ -220,8 +220,8 @@ def build_data(choice: str, sizes: Sizes, work: Path, fallback: bool = True) -> 
         data = DataDir.open(choice)
         return Data(Path(choice), f"the prepared data dir `{choice}` ({data.manifest.source})")
     if choice == "builtin":
-        from mixlab.commands.demo import cache_dir
         from mixlab.data.prepare import PrepareConfig, prepare
+        from mixlab.orchestrate.demo import cache_dir
 
         cap = sizes.builtin_max_bytes or None
         name = f"builtin-v{sizes.vocab}" + (f"-cap{cap}" if cap else "")
@@ -277,7 +277,7 @@ def method_overrides(label: str, sizes: Sizes, target_domain: str) -> list[str]:
                 f"target.domain={_toml(target_domain)}", f"target.docs={sizes.target_docs}"]
     if label == "DWM":
         return ["mixer.name='stratified'", "weighting.name='dwm'",
-                *_options("weighting", sizes.dwm)]
+                *_options("weighting.options", sizes.dwm)]
     if label == "Aioli":
         return ["mixer.name='aioli'", *_options("mixer.options", sizes.aioli)]
     raise ValueError(label)

@@ -152,7 +152,8 @@ def test_derived_data_dirs(suite, tiny_data, tmp_path):
 
 
 def test_row_configs_and_threads(suite, tiny_data, tmp_path):
-    from mixlab.report.compare import parallelism, plan_compare
+    from mixlab.orchestrate.compare import plan_compare
+    from mixlab.orchestrate.launch import parallelism
 
     general = suite.base_raw(300, Path(tiny_data), ["a", "b", "c"])
     setting = suite.Setting("t", "t", ["a", "b", "c"], {"a": 0.5, "b": 0.5, "c": 0.0},

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from mixlab import __version__
 from mixlab.errors import MixlabError, Stopped
+from mixlab.orchestrate.launch import MALLOC_ENV  # README names it mixlab.cli.MALLOC_ENV
 
 COMMANDS = [
     "prepare", "cluster", "train", "compare", "report", "demo", "lmo", "doremi", "sweep", "select",
@@ -41,14 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     for _, mod in _available():
         mod.add_parser(sub)  # type: ignore[attr-defined]
     return parser
-
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
-"""glibc settings that keep freed memory in the process. With the defaults, every training step
-unmaps and re-maps its large activation buffers (the logits alone are batch x seq x vocab x 4
-bytes): measured on the built-in corpus (60 steps, one thread) 13.4 s of system time and 32 s
-wall, against 0.7 s and 20 s with these. glibc reads them only at start-up (``mallopt`` refuses
-an mmap threshold above 32 MB), hence the re-exec in ``entry``."""
 
 
 def entry() -> None:

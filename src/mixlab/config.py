@@ -127,6 +127,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors with a suggestion."""
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    # A section whose layout changed reads its old one (``WeightingConfig.upgrade_layout``).
+    upgrade = getattr(cls, "upgrade_layout", None)
+    if upgrade is not None:
+        data = upgrade(data)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key

@@ -216,7 +216,7 @@ def test_config_errors_before_anything_trains(tiny_data, tmp_path, capsys, extra
 
 
 def test_a_compare_config_configures_proxy_and_reference(tiny_data, tmp_path):
-    from mixlab.commands.doremi import plan_pipeline
+    from mixlab.orchestrate.doremi import plan_pipeline
 
     cfg = tmp_path / "cmp.toml"
     cfg.write_text(

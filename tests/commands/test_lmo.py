@@ -11,8 +11,8 @@ import pytest
 from tests.train.conftest import tiny_overrides
 
 from mixlab.cli import main
-from mixlab.commands.lmo import lmo_section
 from mixlab.data.synthetic import make_synthetic_datadir
+from mixlab.orchestrate.lmo_runs import lmo_section
 from mixlab.train.config import load_config
 from mixlab.train.loop import train
 

@@ -10,9 +10,10 @@ import pytest
 from tests.train.conftest import tiny_overrides
 
 from mixlab.cli import main
-from mixlab.commands.sweep import inline_launcher, plan_sweep, sweep
 from mixlab.data.synthetic import make_synthetic_datadir
 from mixlab.errors import ConfigError
+from mixlab.orchestrate.launch import inline_launcher
+from mixlab.orchestrate.sweep import plan_sweep, sweep
 from mixlab.report.runs import load_run
 from mixlab.report.table import build_comparison, to_markdown
 

@@ -361,7 +361,7 @@ def test_frozen_weighting_model_multiplies_each_samples_loss(tiny_data, tmp_path
 
     run = tmp_path / "dwm-run"
     train(load_config(None, tiny_overrides(tiny_data, [
-        "weighting.name='dwm'", "weighting.stages=2", "weighting.updates_per_stage=8"])), run)
+        "weighting.name='dwm'", "weighting.options.stages=2", "weighting.options.updates_per_stage=8"])), run)
     model = gpt2()
     cb = MixlabCallback(tiny_data, "stratified", seq_len=SEQ, weighting=run)
     returned: list[float] = []

@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 
 from mixlab.errors import ConfigError, MixlabError
-from mixlab.report.compare import (
-    CompareConfig,
-    Progress,
-    RunSpec,
-    StepTail,
-    compare,
-    parallelism,
-    plan_compare,
-    run_all,
-    train_command,
-    write_plan,
-)
+from mixlab.orchestrate.compare import CompareConfig, compare, plan_compare, write_plan
+from mixlab.orchestrate.launch import parallelism, train_command
+from mixlab.orchestrate.scheduler import Progress, StepTail, run_all
+from mixlab.orchestrate.spec import RunSpec
 from mixlab.report.runs import collect_runs
 from mixlab.report.table import build_comparison, to_csv, to_markdown
 

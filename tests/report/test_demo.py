@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixlab.commands.demo import DemoConfig, cache_dir, demo_config_text, load_demo_config
 from mixlab.config import from_dict
 from mixlab.mixers.base import MIXERS, mixer_class
-from mixlab.report.compare import plan_compare
+from mixlab.orchestrate.compare import plan_compare
+from mixlab.orchestrate.demo import DemoConfig, cache_dir, demo_config_text, load_demo_config
 
 
 def test_packaged_demo_config_plans_every_dynamic_mixer(tmp_path):
@@ -70,7 +70,7 @@ def _check_script():
 
 
 def test_main_table_is_the_first_table_only():
-    from mixlab.commands.demo import main_table
+    from mixlab.report.demo_table import main_table
 
     md = ("# T\n\n3 method(s).\n\n| a | b |\n| --- | ---: |\n| **x** | 1 |  \n| y | 2 |\n\n"
           "## Test perplexity per domain\n\n| c |\n| --- |\n| 9 |\n")
@@ -83,7 +83,7 @@ def test_demo_writes_the_table_it_prints(tmp_path, monkeypatch, capsys):
     import argparse
 
     import mixlab.data.prepare as prepare_mod
-    import mixlab.report.compare as compare_mod
+    import mixlab.orchestrate.compare as compare_mod
     import mixlab.report.html as html_mod
     from mixlab.commands import demo
 
@@ -110,7 +110,7 @@ def test_demo_writes_the_table_it_prints(tmp_path, monkeypatch, capsys):
 
 
 def test_same_table_up_to_timing_is_in_step():
-    from mixlab.commands.demo import readme_differences, readme_table
+    from mixlab.report.demo_table import readme_differences, readme_table
 
     ours = readme_table(_readme(README_DEMO_TABLE))
     assert ours == README_DEMO_TABLE
@@ -126,7 +126,7 @@ def test_same_table_up_to_timing_is_in_step():
 
 
 def test_a_changed_number_is_reported_by_row_and_column():
-    from mixlab.commands.demo import readme_differences
+    from mixlab.report.demo_table import readme_differences
 
     run = README_DEMO_TABLE.replace("| doge | 154.30 | +1.80 (n=1) |", "| doge | 158.08 | +5.58 (n=1) |")
     assert readme_differences(README_DEMO_TABLE, run) == [
@@ -136,7 +136,7 @@ def test_a_changed_number_is_reported_by_row_and_column():
 
 
 def test_other_columns_or_methods_are_reported():
-    from mixlab.commands.demo import readme_differences
+    from mixlab.report.demo_table import readme_differences
 
     lines = README_DEMO_TABLE.splitlines()
     with_total = "\n".join(
@@ -183,7 +183,7 @@ def test_repo_readme_table_has_the_demo_methods_and_columns(tmp_path, make_run):
     """The README's demo table lists stratified and every dynamic mixer (what `mixlab demo`
     runs), under the columns compare prints for a run with a target: a new mixer or a new
     column needs the table regenerated with `check_readme_demo.py RUN --write`."""
-    from mixlab.commands.demo import main_table, parse_table, readme_table
+    from mixlab.report.demo_table import main_table, parse_table, readme_table
     from mixlab.report.runs import collect_runs
     from mixlab.report.table import build_comparison, to_markdown
 

@@ -15,7 +15,7 @@ from mixlab.train.loop import train
 
 def test_report_shows_weights_per_stage_and_snippets(tiny_data, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_data, [
-        "weighting.name='dwm'", "weighting.stages=2", "weighting.updates_per_stage=3", "weighting.snippets=2",
+        "weighting.name='dwm'", "weighting.options.stages=2", "weighting.options.updates_per_stage=3", "weighting.options.snippets=2",
     ]))
     train(cfg, tmp_path / "dwm")
     train(load_config(None, tiny_overrides(tiny_data)), tmp_path / "plain")

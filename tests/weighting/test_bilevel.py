@@ -107,7 +107,7 @@ def test_adam_lookahead_matches_a_finite_difference_of_adamws_step():
     # CPUs' summation order (~sqrt(#params) ε_32 ≈ 1e-5 in the worst case).
     assert rel_err(got, ref) < 1e-5
     assert cosine(got, ref) > 1 - 1e-8
-    # The finite-difference engine (what weighting.method = 'fd' runs): measured 7e-4, its
+    # The finite-difference engine (what weighting.options.method = 'fd' runs): measured 7e-4, its
     # documented 4e-4 to 1e-3 at this scale.
     got_fd = factorised(model, tokens, w, val, lr, "fd", adam_preconditioner(opt, model))
     assert rel_err(got_fd, ref) < 5e-3

@@ -21,7 +21,8 @@ from mixlab.train.loop import Trainer, load_run_model, train
 from mixlab.weighting import (
     MODEL_FILE,
     DataWeighter,
-    WeightingConfig,
+    DWMConfig,
+    WeighterContext,
     batch_weights,
     load_net,
     save_net,
@@ -69,9 +70,9 @@ def test_standardise_groups_and_constant_group():
 
 
 def test_stage_schedule():
-    cfg = WeightingConfig(name="dwm", stages=3, updates_per_stage=2)
-    w = DataWeighter(cfg, vocab_size=64, domains=["a"], tokenizer_sha256="x", total_steps=10,
-                     device=torch.device("cpu"), seed=0)
+    ctx = WeighterContext(domains=["a"], vocab_size=64, tokenizer_sha256="x", total_steps=10,
+                          batch_size=4, seq_len=16, seed=0, device=torch.device("cpu"))
+    w = DataWeighter(DWMConfig(stages=3, updates_per_stage=2), ctx)
     assert [w.stage(s) for s in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     assert [s for s in range(10) if w.trains_at(s)] == [0, 1, 3, 4, 6, 7]
     assert w.training_updates == 6
@@ -79,21 +80,21 @@ def test_stage_schedule():
 
 def test_config_errors(tiny_data):
     with pytest.raises(ConfigError, match="frozen"):
-        dwm_cfg(tiny_data, "weighting.frozen=true")
+        dwm_cfg(tiny_data, "weighting.options.frozen=true")
     with pytest.raises(ConfigError, match="needs a target"):
-        Trainer(dwm_cfg(tiny_data, "weighting.validation='target'"), tiny_data.parent / "run")
+        Trainer(dwm_cfg(tiny_data, "weighting.options.validation='target'"), tiny_data.parent / "run")
     with pytest.raises(ConfigError, match="weightin"):
         dwm_cfg(tiny_data, "weighting.stagez=3")
     with pytest.raises(ConfigError, match="no weighting model"):
-        Trainer(dwm_cfg(tiny_data, f"weighting.load='{tiny_data}'"), tiny_data.parent / "run")
+        Trainer(dwm_cfg(tiny_data, f"weighting.options.load='{tiny_data}'"), tiny_data.parent / "run")
 
 
 def test_ranks_clean_above_corrupted(corrupted_data, tmp_path):
     """Bi-level training against a clean validation set (the 'clean' target) teaches the
     weighting model to rank held-out clean windows above shuffled ones (measured AUC 0.98-1.0
     over seeds 0-2 with the LM's loss as an input; tokens alone: 0.91-0.99 with 100 updates)."""
-    cfg = dwm_cfg(corrupted_data, "target.domain='clean'", "train.steps=80", "weighting.stages=4",
-                  "weighting.updates_per_stage=15", "weighting.use_loss=true")
+    cfg = dwm_cfg(corrupted_data, "target.domain='clean'", "train.steps=80", "weighting.options.stages=4",
+                  "weighting.options.updates_per_stage=15", "weighting.options.use_loss=true")
     summary = train(cfg, tmp_path / "run")
     assert summary["weighting"]["updates"] == 60
     data = DataDir.open(corrupted_data)
@@ -119,8 +120,8 @@ def test_ranks_clean_above_corrupted(corrupted_data, tmp_path):
 
 def test_transfer_to_a_bigger_lm_and_tokenizer_check(tiny_data, tmp_path):
     small = tmp_path / "small"
-    train(dwm_cfg(tiny_data, "weighting.stages=2", "weighting.updates_per_stage=6"), small)
-    cfg = dwm_cfg(tiny_data, f"weighting.load='{small}'", "weighting.frozen=true",
+    train(dwm_cfg(tiny_data, "weighting.options.stages=2", "weighting.options.updates_per_stage=6"), small)
+    cfg = dwm_cfg(tiny_data, f"weighting.options.load='{small}'", "weighting.options.frozen=true",
                   "model.d_model=64", "model.n_layer=2")
     trainer = Trainer(cfg, tmp_path / "big")
     saved, _ = load_net(small / "dwm.safetensors", trainer.data.manifest.tokenizer_sha256, trainer.domains)
@@ -134,18 +135,18 @@ def test_transfer_to_a_bigger_lm_and_tokenizer_check(tiny_data, tmp_path):
     for k, v in saved.state_dict().items():
         assert torch.equal(v, after.state_dict()[k]), k
     # Keep training it instead: the loaded model moves.
-    moved = train(dwm_cfg(tiny_data, f"weighting.load='{small}'", "weighting.stages=1",
-                          "weighting.updates_per_stage=3"), tmp_path / "cont")
+    moved = train(dwm_cfg(tiny_data, f"weighting.options.load='{small}'", "weighting.options.stages=1",
+                          "weighting.options.updates_per_stage=3"), tmp_path / "cont")
     assert moved["weighting"]["updates"] == 3
     # Another tokenizer (vocab 80): refused with a clear message.
     other = make_synthetic_datadir(tmp_path / "other", {"a": 10, "b": 10}, vocab_size=80)
     with pytest.raises(ConfigError, match="different tokenizer"):
-        Trainer(dwm_cfg(other, f"weighting.load='{small}'"), tmp_path / "x")
+        Trainer(dwm_cfg(other, f"weighting.options.load='{small}'"), tmp_path / "x")
 
 
 def test_composes_with_a_dynamic_mixer(tiny_data, tmp_path):
-    cfg = dwm_cfg(tiny_data, "mixer.name='odm'", "weighting.stages=2", "weighting.updates_per_stage=4",
-                  "weighting.method='fd'")
+    cfg = dwm_cfg(tiny_data, "mixer.name='odm'", "weighting.options.stages=2", "weighting.options.updates_per_stage=4",
+                  "weighting.options.method='fd'")
     summary = train(cfg, tmp_path / "run")
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r["kind"] == "train"]
@@ -158,8 +159,8 @@ def test_composes_with_a_dynamic_mixer(tiny_data, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny_data, tmp_path):
-    extra = ["checkpoint.every=7", "weighting.stages=3", "weighting.updates_per_stage=4",
-             "weighting.use_loss=true", "weighting.use_progress=true"]
+    extra = ["checkpoint.every=7", "weighting.options.stages=3", "weighting.options.updates_per_stage=4",
+             "weighting.options.use_loss=true", "weighting.options.use_progress=true"]
     assert_resume_identical(lambda: dwm_cfg(tiny_data, *extra), tmp_path, kill_after=17)
     assert (tmp_path / "cut" / "dwm.json").read_text() == (tmp_path / "full" / "dwm.json").read_text()
     sha = DataDir.open(tiny_data).manifest.tokenizer_sha256
@@ -229,4 +230,4 @@ def test_max_weight_bounds_the_weights_and_keeps_mean_and_order():
     # A group already under the bound is left exactly as it was.
     assert torch.equal(capped[4:], free[4:])
     with pytest.raises(ConfigError, match="max_weight"):
-        WeightingConfig(name="dwm", max_weight=0.5)
+        DWMConfig(max_weight=0.5)

@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 from mixlab.train.distributed import DistInfo
 from mixlab.train.loop import TIMING_KEYS, Trainer
 
-DWM = ["weighting.name='dwm'", "weighting.stages=2", "weighting.updates_per_stage=5",
-       "weighting.use_loss=true", "train.steps=16",
+DWM = ["weighting.name='dwm'", "weighting.options.stages=2", "weighting.options.updates_per_stage=5",
+       "weighting.options.use_loss=true", "train.steps=16",
        # Exact alignments: finite differences would add ~1e-3 of rounding to the comparison.
-       "weighting.method='jvp'"]
+       "weighting.options.method='jvp'"]
 
 
 def _free_port() -> int:

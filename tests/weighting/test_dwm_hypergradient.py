@@ -1,6 +1,6 @@
 """The hypergradient a training run hands its weighting model, against a finite difference of
 the lookahead written out in the test (tests/weighting/reference.py): AdamW's step
-θ - η g / (sqrt(v̂) + ε) with ``weighting.precondition = true``, the SGD step without, in eval
+θ - η g / (sqrt(v̂) + ε) with ``weighting.options.precondition = true``, the SGD step without, in eval
 mode also when the LM trains with dropout."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def captured_updates(data, tmp_path, precondition: bool, dropout: float, steps: 
     model or the LM move, compute the reference from what the trainer used: the LM (θ), its
     AdamW (state of the previous step), the batch, the weights and the validation windows."""
     cfg = load_config(None, tiny_overrides(data, [
-        f"train.steps={steps}", "eval.every=100", "weighting.name='dwm'", "weighting.stages=1",
-        f"weighting.updates_per_stage={steps}", "weighting.method='jvp'", "weighting.use_loss=true",
-        f"weighting.precondition={str(precondition).lower()}", f"weighting.lookahead_lr={ETA[precondition]}",
+        f"train.steps={steps}", "eval.every=100", "weighting.name='dwm'", "weighting.options.stages=1",
+        f"weighting.options.updates_per_stage={steps}", "weighting.options.method='jvp'", "weighting.options.use_loss=true",
+        f"weighting.options.precondition={str(precondition).lower()}", f"weighting.options.lookahead_lr={ETA[precondition]}",
         f"model.dropout={dropout}",
     ]))
     trainer = Trainer(cfg, tmp_path / "run")
@@ -33,7 +33,7 @@ def captured_updates(data, tmp_path, precondition: bool, dropout: float, steps: 
     used_w: dict[int, list[torch.Tensor]] = {}
     used_val: dict[int, torch.Tensor] = {}
     out: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    micro_weights, val_tokens, update = rw.micro_weights, rw.val_tokens, rw.weighter.update
+    micro_weights, val_tokens, update = rw.micro_weights, rw.weighter.val_tokens, rw.weighter.apply_hypergradient
 
     def spy_weights(step, tokens, domains, losses):
         w = micro_weights(step, tokens, domains, losses)
@@ -56,7 +56,7 @@ def captured_updates(data, tmp_path, precondition: bool, dropout: float, steps: 
         out.append((step, hyper.detach().clone(), ref))
         return update(hyper, tokens, domains, losses, step, group, reduce_grads)
 
-    rw.micro_weights, rw.val_tokens, rw.weighter.update = spy_weights, spy_val, spy_update
+    rw.micro_weights, rw.weighter.val_tokens, rw.weighter.apply_hypergradient = spy_weights, spy_val, spy_update
     trainer.run()
     assert [s for s, _, _ in out] == list(range(steps))
     return out

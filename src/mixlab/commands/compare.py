@@ -57,7 +57,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mixlab.errors import ConfigError
-    from mixlab.report.compare import Progress, compare, plan_compare
+    from mixlab.orchestrate.compare import compare, plan_compare
+    from mixlab.orchestrate.scheduler import Progress
 
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}.")

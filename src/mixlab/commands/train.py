@@ -31,6 +31,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mixlab.config import Subtable, describe, from_dict
     from mixlab.mixers.base import MIXERS, mixer_class
+    from mixlab.weighting.base import Weighter
 
     if args.list_mixers:
         import mixlab.mixers  # noqa: F401
@@ -56,7 +57,15 @@ def run(args: argparse.Namespace) -> int:
                 "shown, its default)" if dataclasses.fields(options_cls)
                 else f"mixer '{cfg.mixer.name}' has no options")  # fmt: skip
         sub = Subtable(options_cls, opts, note, given=set(cfg.mixer.options))
-        print(describe(TrainConfig, instance=cfg, subtables={"mixer.options": sub}), end="")
+        # The same for the chosen weighter's [weighting.options] (an empty table without one).
+        w = cfg.weighting
+        wsub = (Subtable(type(w.weighter_config()), w.weighter_config(),
+                         f"options of weighter '{w.name}' (a commented option takes the value "
+                         "shown, its default)", given=set(w.options))
+                if w.enabled else Subtable(Weighter.Config, Weighter.Config(),
+                                           "options of the weighter set by weighting.name"))  # fmt: skip
+        subtables = {"mixer.options": sub, "weighting.options": wsub}
+        print(describe(TrainConfig, instance=cfg, subtables=subtables), end="")
         return 0
 
     from mixlab.train.loop import train

@@ -237,7 +237,8 @@ class MixlabCallback(TrainerCallback):
         weighting: a trained data weighting model (a ``mixlab train`` run dir with
             ``weighting.name = "dwm"``, or its ``dwm.safetensors``), used frozen; or a mapping of
             ``[weighting]`` settings (``{"name": "dwm"}`` trains one bi-level during the run and
-            writes ``dwm.safetensors``/``dwm.json`` into ``output_dir`` at the end).
+            writes ``dwm.safetensors``/``dwm.json`` into ``output_dir`` at the end; its options
+            under ``"options"``, e.g. ``{"name": "dwm", "options": {"stages": 2}}``).
         config: any other sections of a ``mixlab train`` config, as a mapping (``target``,
             ``data.max_epochs``, ``eval``, ``weighting``...). The Trainer's settings
             (steps, batch, accumulation, seed, ``max_grad_norm``) and the arguments above win.
@@ -288,16 +289,15 @@ class MixlabCallback(TrainerCallback):
         if isinstance(weighting, Mapping):
             extra = merge_config(extra, {"weighting": dict(weighting)})
         elif weighting is not None:
-            extra = merge_config(extra, {"weighting": {"name": "dwm", "load": str(weighting), "frozen": True}})
+            extra = merge_config(extra, {"weighting": {"name": "dwm", "options": {"load": str(weighting), "frozen": True}}})
         self.extra_config = extra
         # Fail now, not at on_train_begin, on a config that cannot hold (a trained weighting
         # model with another tokenizer, an unknown key): the Trainer's values are stand-ins.
-        self._config(steps=1, batch=1, ga=1, seed=0, grad_clip=0.0, eval_bs=1)
-        if self.extra_config.get("weighting", {}).get("load"):
+        weighting_cfg = self._config(steps=1, batch=1, ga=1, seed=0, grad_clip=0.0, eval_bs=1).weighting
+        if weighting_cfg.name == "dwm" and weighting_cfg.options.get("load"):
             from mixlab.weighting.dwm import load_net
 
-            load_net(Path(self.extra_config["weighting"]["load"]),
-                     self.data.manifest.tokenizer_sha256, self.domains)
+            load_net(Path(weighting_cfg.options["load"]), self.data.manifest.tokenizer_sha256, self.domains)
         self.train_dataset = MixtureSlots(seq_len)
         """Pass as the Trainer's ``train_dataset``."""
 

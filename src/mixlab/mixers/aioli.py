@@ -191,6 +191,10 @@ class Aioli(Mixer):
     """Aioli: LearnParams probes every round, then train on the exponentiated-gradient mixture."""
 
     dynamic = True
+    own_A = (
+        ("A_raw", "Aioli: its latest raw estimate A_raw"),
+        ("A", "Aioli: its normalised, smoothed A"),
+    )
 
     @dataclass
     class Config:

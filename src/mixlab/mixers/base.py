@@ -187,6 +187,18 @@ class Mixer:
     needs: ClassVar[frozenset[str]] = frozenset()
     """Capabilities of the training driver its signals need (``mixlab.train.session.CAPABILITIES``:
     ``"full_model"``, ``"branches"``); a driver that lacks one refuses the mixer up front."""
+    own_A: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """The method's own mixing-law matrix A (``mixlab.lmo``) in its ``report()``, as (report key,
+    description) pairs: ``mixlab lmo`` reads the first key the run logged (a vector is the
+    diagonal of A) and compares it with the fitted A. Empty: the method has no A of its own."""
+
+    @classmethod
+    def loss_mixture(cls, options: dict[str, Any]) -> tuple[str, str] | None:
+        """(report key, description) of the mixture that weights the loss, for a method that
+        samples by one mixture and weights the loss by another (the gradient then follows this
+        one, not the logged sampling weights); None when the gradient follows the sampled
+        mixture. ``options``: the run's ``[mixer.options]`` table as written in its config."""
+        return None
 
     @dataclass
     class Config:

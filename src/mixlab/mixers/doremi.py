@@ -107,6 +107,15 @@ class DoReMi(Mixer):
 
     dynamic = True
     needs_reference = True
+    own_A = (("excess", "DoReMi: diag(excess loss of its latest update)"),)
+
+    @classmethod
+    def loss_mixture(cls, options: dict[str, Any]) -> tuple[str, str] | None:
+        """With uniform sampling the loss is weighted by α (logged as ``alpha``; the α logged at
+        a step is the one the next step uses)."""
+        if options.get("sampling", "uniform") != "uniform":
+            return None
+        return "alpha", "DoReMi's α (logged; it samples uniformly and weights the loss by α)"
 
     @dataclass
     class Config:

@@ -19,9 +19,8 @@ from pathlib import Path
 from mixlab import __version__
 from mixlab.errors import MixlabError
 from mixlab.report import plots
-from mixlab.report.compare import PLAN_FILE
 from mixlab.report.dwm import dwm_markdown
-from mixlab.report.runs import Run, collect_runs, is_compare_dir
+from mixlab.report.runs import PLAN_FILE, Run, collect_runs, is_compare_dir
 from mixlab.report.table import Comparison, build_comparison, to_markdown
 
 REPORT_HTML = "report.html"

@@ -20,6 +20,8 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 RUNS = "runs"
+PLAN_FILE = "compare.json"
+"""A compare dir's plan: methods, seeds, baseline, run dirs (``mixlab.orchestrate.compare``)."""
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 

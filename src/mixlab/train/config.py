@@ -295,7 +295,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     """Extra logging."""
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
-    """Per-sample weighting inside each batch (the Data Weighting Model); off by default."""
+    """Per-sample weighting inside each batch (a weighter by name, e.g. the Data Weighting Model); off by default."""
 
     def __post_init__(self) -> None:
         if self.train.parallel == "fsdp":

@@ -66,6 +66,7 @@ from mixlab.train.evaluate import EvalSet, loss_report, mean_losses
 from mixlab.train.signals import StepSignals
 from mixlab.train.target import TargetSet, load_target
 from mixlab.train.weighting import RunWeighting
+from mixlab.weighting.base import weighter_class
 
 AUX_SEED_OFFSET = 1_000_003
 """The auxiliary (measurement) stream is seeded ``seed + AUX_SEED_OFFSET``."""
@@ -107,6 +108,21 @@ def config_for(
         "mixer": {"name": mixer, "apply": apply, "options": dict(mixer_options or {})},
     }
     return from_dict(TrainConfig, merge_config(dict(extra or {}), mine), where=where)
+
+
+def check_weighter_needs(cfg: TrainConfig, provides: frozenset[str]) -> None:
+    """Refuse a weighter that needs a capability the driver does not provide (``Weighter.needs_for``)."""
+    name = cfg.weighting.name
+    cls = weighter_class(name)
+    missing = sorted(cls.needs_for(cfg.weighting.weighter_config()) - provides)
+    if missing:
+        hint = f", {cls.needs_hint}" if cls.needs_hint else ""
+        raise ConfigError(
+            f"weighting.name = '{name}' needs {'; '.join(CAPABILITIES[c] for c in missing)}, which "
+            "this way of training does not provide (under train.parallel = 'fsdp' each rank holds "
+            f"a shard); train it with `mixlab train` (train.parallel = 'ddp') or a driver that "
+            f"provides it{hint}."
+        )
 
 
 def check_batch(cfg: TrainConfig, world_size: int) -> None:
@@ -224,6 +240,8 @@ class MixingSession:
                 "which this way of training does not provide; train it with `mixlab train` "
                 "(train.parallel = 'ddp') or a driver that provides it."
             )
+        if cfg.weighting.enabled:
+            check_weighter_needs(cfg, run.provides)
         self.train_tokens = np.array(
             [self.data.split(d, "train").n_tokens for d in self.domains], dtype=np.int64
         )
@@ -257,7 +275,7 @@ class MixingSession:
             from mixlab.train.checkpoint import load_run_model
 
             self.reference = load_run_model(cfg.mixer.reference, self.data).to(run.device).eval()
-        # Per-sample weighting inside each batch (DWM), on top of the mixer's sampling.
+        # Per-sample weighting inside each batch ([weighting] name), on top of the mixer's sampling.
         self.weighting = RunWeighting(self) if cfg.weighting.enabled else None
         self.extra_steps = 0
         self._started = False
@@ -401,7 +419,7 @@ class MixingSession:
         """Call after the last backward, before clipping and the optimizer step: the weighting
         model's bi-level update reads the LM's gradient (``.grad``, reduced over ranks)."""
         w = self.weighting
-        if w is not None and w.weighter.trains_at(st.step):
+        if w is not None and w.trains_at(st.step):
             w.update(st.step, st.batch, torch.cat(st.losses), st.factors, st.lr, st.micro)
 
     def end_step(self, st: ActiveStep) -> StepResult:
@@ -429,7 +447,7 @@ class MixingSession:
         if mixer_report := self.mixer.report():
             out["mixer"] = mixer_report
         if self.weighting is not None:
-            out["weighting"] = self.weighting.weighter.report(step)
+            out["weighting"] = self.weighting.report(step)
         return out
 
     # ---------------------------------------------------------------- signals

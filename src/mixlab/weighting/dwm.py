@@ -6,6 +6,11 @@ weights each step used (``record``) for the per-stage analysis. Everything it ke
 ``state_dict`` (a resumed run continues bit for bit). ``save`` writes the network with what it
 needs to be checked on load (its shape, the tokenizer's hash, the domains); ``load_net`` reads
 it back for transfer to another run, typically one with a bigger LM.
+
+It is the weighter registered as ``"dwm"`` (``[weighting] name = "dwm"``), its options
+``[weighting.options]`` checked against ``DWMConfig`` (``mixlab.weighting.config``). It draws
+its validation windows itself; the session computes the hypergradient it trains on
+(``WeightingSignals.hypergradient``, with ``mixlab.weighting.bilevel``).
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ import json
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from mixlab import __version__
+from mixlab.data.sampler import MixtureSampler
 from mixlab.errors import CheckpointError, ConfigError
-from mixlab.weighting.config import WeightingConfig
+from mixlab.weighting.base import Weighter, WeighterContext, WeightingSignals, register_weighter
+from mixlab.weighting.config import DWMConfig
 from mixlab.weighting.model import NetSpec, WeightingNet, batch_weights, standardise
 
 MODEL_FILE = "dwm.safetensors"
@@ -30,9 +37,11 @@ ANALYSIS_FILE = "dwm.json"
 FORMAT = 1
 SNIPPET_TOKENS = 48
 SEED_OFFSET = 4_099
+VAL_SEED_OFFSET = 2_000_029
+"""The validation windows of ``validation = 'val'`` come from a stream seeded ``seed + VAL_SEED_OFFSET``."""
 
 
-def spec_from_config(cfg: WeightingConfig, vocab_size: int, n_domains: int) -> NetSpec:
+def spec_from_config(cfg: DWMConfig, vocab_size: int, n_domains: int) -> NetSpec:
     return NetSpec(
         vocab_size=vocab_size, n_domains=n_domains, d_embed=cfg.d_embed, kernel=cfg.kernel,
         hidden=cfg.hidden, max_tokens=cfg.max_tokens, use_domain=cfg.use_domain,
@@ -46,7 +55,7 @@ def _resolve_model_file(path: str | Path) -> Path:
         p = p / MODEL_FILE
     if not p.exists():
         raise ConfigError(
-            f"weighting.load: no weighting model at '{p}'; give a run dir trained with "
+            f"weighting.options.load: no weighting model at '{p}'; give a run dir trained with "
             f"weighting.name = 'dwm' (it holds {MODEL_FILE}) or the file itself."
         )
     return p
@@ -156,63 +165,99 @@ class _StageStats:
         stats["bottom"] = sorted(stats["bottom"] + entries, key=lambda e: (e["weight"], e["step"], e["index"]))[:k]
 
 
-class DataWeighter:
+@register_weighter("dwm")
+class DataWeighter(Weighter):
     """The Data Weighting Model of one run (see the module docstring)."""
 
-    def __init__(self, cfg: WeightingConfig, *, vocab_size: int, domains: list[str],
-                 tokenizer_sha256: str, total_steps: int, device: torch.device, seed: int):
-        self.cfg = cfg
-        self.domains = list(domains)
-        self.tokenizer_sha256 = tokenizer_sha256
-        self.total_steps = total_steps
+    Config: ClassVar[type] = DWMConfig
+    needs: ClassVar[frozenset[str]] = frozenset({"full_model"})
+    needs_hint: ClassVar[str] = (
+        "or use a trained weighting model frozen (weighting.options.load + "
+        "weighting.options.frozen = true)"
+    )
+
+    @classmethod
+    def needs_for(cls, config: DWMConfig) -> frozenset[str]:
+        # Bi-level updates measure per-sample alignments on the whole LM; a frozen model only
+        # scores samples.
+        return frozenset() if config.frozen else cls.needs
+
+    def __init__(self, config: DWMConfig, ctx: WeighterContext):
+        super().__init__(config, ctx)
+        cfg = config
+        self.domains = list(ctx.domains)
+        self.tokenizer_sha256 = ctx.tokenizer_sha256
+        self.total_steps = ctx.total_steps
         self.loaded_from = ""
+        mode = cfg.validation
+        if mode == "auto":
+            mode = "target" if ctx.target_probe is not None else "val"
+        if mode == "target" and ctx.target_probe is None:
+            raise ConfigError(
+                "weighting.options.validation = 'target' needs a target set (target.path or target.domain)."
+            )
+        self.mode = mode
+        self.val_batch = cfg.val_batch or ctx.batch_size
+        if self.val_batch % ctx.world:
+            raise ConfigError(
+                f"weighting.options.val_batch {self.val_batch} must be divisible by the number of "
+                f"processes {ctx.world}."
+            )
         # Built under its own seed, so adding a weighting model does not move the LM's init or
         # dropout streams.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + SEED_OFFSET)
+            torch.manual_seed(ctx.seed + SEED_OFFSET)
             if cfg.load:
-                self.net, _ = load_net(cfg.load, tokenizer_sha256, self.domains)
+                self.net, _ = load_net(cfg.load, ctx.tokenizer_sha256, self.domains)
                 self.loaded_from = str(_resolve_model_file(cfg.load))
             else:
-                self.net = WeightingNet(spec_from_config(cfg, vocab_size, len(domains)))
-        if self.net.spec.vocab_size != vocab_size:
+                self.net = WeightingNet(spec_from_config(cfg, ctx.vocab_size, len(self.domains)))
+        if self.net.spec.vocab_size != ctx.vocab_size:
             raise ConfigError(
                 f"the weighting model reads {self.net.spec.vocab_size} token ids; the data has "
-                f"{vocab_size}."
+                f"{ctx.vocab_size}."
             )
-        self.net.to(device)
+        self.net.to(ctx.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.updates = 0
         self.skipped = 0
-        m = len(domains)
+        m = len(self.domains)
         self.stages: list[dict[str, Any]] = [_StageStats.new(m) for _ in range(cfg.stages)]
         self._window = _StageStats.new(m)
         self.last_hyper_norm = 0.0
+        # The validation windows of 'val': every domain equally, from their own stream (so the
+        # LM's data order does not move); 'target' draws from the probe windows by step.
+        self.val_sampler: MixtureSampler | None = None
+        if mode == "val" and ctx.data is not None:
+            self.val_sampler = MixtureSampler(
+                ctx.data, "val", ctx.seq_len, self.val_batch, ctx.seed + VAL_SEED_OFFSET,
+                ctx.rank, ctx.world, self.domains,
+            )
 
     # ----------------------------------------------------------------- schedule
 
     def stage_start(self, s: int) -> int:
-        return s * self.total_steps // self.cfg.stages
+        return s * self.total_steps // self.config.stages
 
     def stage(self, step: int) -> int:
         """The last stage s with ``stage_start(s) <= step``: floor(s·T/S) <= step holds exactly
         when s < (step + 1)·S/T."""
-        return min(self.cfg.stages - 1, ((step + 1) * self.cfg.stages - 1) // self.total_steps)
+        return min(self.config.stages - 1, ((step + 1) * self.config.stages - 1) // self.total_steps)
 
     def trains_at(self, step: int) -> bool:
         """True at the first ``updates_per_stage`` steps of each stage (never when frozen)."""
-        if self.cfg.frozen:
+        if self.config.frozen:
             return False
-        return step - self.stage_start(self.stage(step)) < self.cfg.updates_per_stage
+        return step - self.stage_start(self.stage(step)) < self.config.updates_per_stage
 
     @property
     def training_updates(self) -> int:
         """Bi-level updates the schedule asks for over the whole run."""
-        if self.cfg.frozen:
+        if self.config.frozen:
             return 0
         return sum(
-            min(self.cfg.updates_per_stage, self.stage_start(s + 1) - self.stage_start(s))
-            for s in range(self.cfg.stages)
+            min(self.config.updates_per_stage, self.stage_start(s + 1) - self.stage_start(s))
+            for s in range(self.config.stages)
         )
 
     # ----------------------------------------------------------------- weights and updates
@@ -227,17 +272,44 @@ class DataWeighter:
             step / max(1, self.total_steps),
         )
 
-    def weights(self, tokens: torch.Tensor, domains: torch.Tensor, losses: torch.Tensor,
-                step: int) -> torch.Tensor:
+    def weights(self, step: int, tokens: torch.Tensor, domains: torch.Tensor,
+                losses: torch.Tensor) -> torch.Tensor:
         """[b] weights (mean 1, no graph) of one micro-batch: ``tokens`` [b, T+1], ``domains``
         [b], ``losses`` [b] the LM's per-sample losses (read only if the model uses them)."""
         with torch.no_grad():
-            return batch_weights(self.scores(tokens, domains, losses, step).float(), self.cfg.tau,
-                                 max_weight=self.cfg.max_weight)
+            return batch_weights(self.scores(tokens, domains, losses, step).float(), self.config.tau,
+                                 max_weight=self.config.max_weight)
 
-    def update(self, hyper: torch.Tensor, tokens: torch.Tensor, domains: torch.Tensor,
-               losses: torch.Tensor, step: int, group: int,
-               reduce_grads: Callable[[nn.Module], None] | None = None) -> bool:
+    def val_tokens(self, step: int) -> torch.Tensor:
+        """This rank's share [val_batch / world, T+1] of the validation windows for ``step``."""
+        ctx = self.ctx
+        if self.mode == "val":
+            if self.val_sampler is None:
+                raise ConfigError("DWM with validation = 'val' needs the run's data dir (WeighterContext.data).")
+            m = len(self.domains)
+            return self.val_sampler.next_batch(weights=np.full(m, 1.0 / m)).tokens
+        probe = ctx.target_probe
+        assert probe is not None  # checked in __init__
+        # Seeded by the step, so it needs no state to resume exactly.
+        rng = np.random.default_rng([ctx.seed, 13, step])
+        idx = rng.integers(0, probe.shape[0], self.val_batch)
+        per = self.val_batch // ctx.world
+        return probe[torch.from_numpy(idx[ctx.rank * per : (ctx.rank + 1) * per])]
+
+    def update(self, step: int, signals: WeightingSignals) -> bool:
+        """The bi-level update at ``step``: the session's hypergradient of this step's weights
+        against the validation windows, then one Adam step of the network."""
+        cfg = self.config
+        hyper = signals.hypergradient(
+            self.val_tokens(step), self.weights, eta=cfg.lookahead_lr or signals.lr,
+            precondition=cfg.precondition, method=cfg.method,
+        )
+        return self.apply_hypergradient(hyper, signals.tokens, signals.domains, signals.losses, step,
+                                        signals.micro, signals.reduce_grads)
+
+    def apply_hypergradient(self, hyper: torch.Tensor, tokens: torch.Tensor, domains: torch.Tensor,
+                            losses: torch.Tensor, step: int, group: int,
+                            reduce_grads: Callable[[nn.Module], None] | None = None) -> bool:
         """One step of the weighting model from ``hyper`` [b] = ∂L_val/∂w (this rank's samples,
         normalised in consecutive groups of ``group``). ``reduce_grads`` sums the network's
         gradients over ranks. Returns False (and changes nothing) for a non-finite hypergradient."""
@@ -248,8 +320,8 @@ class DataWeighter:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            w = batch_weights(self.scores(tokens, domains, losses, step, group).float(), self.cfg.tau, group,
-                              self.cfg.max_weight)
+            w = batch_weights(self.scores(tokens, domains, losses, step, group).float(), self.config.tau, group,
+                              self.config.max_weight)
             (w * hyper.to(w.device)).sum().backward()
         if reduce_grads is not None:
             reduce_grads(self.net)
@@ -270,7 +342,7 @@ class DataWeighter:
         _StageStats.add(stats, w, d)
         _StageStats.add(self._window, w, d)
         if local_tokens is not None and local_weights is not None and local_domains is not None:
-            k = self.cfg.snippets
+            k = self.config.snippets
             order = np.argsort(local_weights, kind="stable")
             pick = sorted(set(order[:k].tolist()) | set(order[-k:].tolist())) if k else []
             entries = [
@@ -291,6 +363,14 @@ class DataWeighter:
         return {"stage": self.stage(max(0, step - 1)), "updates": self.updates,
                 "hyper_norm": self.last_hyper_norm, "mean_weight": mean}
 
+    def summary(self) -> dict[str, Any]:
+        return {"updates": self.updates, "skipped_updates": self.skipped,
+                "scheduled_updates": self.training_updates, "validation": self.mode,
+                "loaded_from": self.loaded_from, "frozen": self.config.frozen}
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.net.parameters())
+
     # ----------------------------------------------------------------- analysis and files
 
     def analysis(self, decode: Callable[[list[int]], str]) -> dict[str, Any]:
@@ -309,7 +389,7 @@ class DataWeighter:
             })
         return {"format": FORMAT, "domains": self.domains, "updates": self.updates,
                 "skipped_updates": self.skipped, "loaded_from": self.loaded_from,
-                "frozen": self.cfg.frozen, "stages": stages}
+                "frozen": self.config.frozen, "stages": stages}
 
     def save(self, run_dir: Path, decode: Callable[[list[int]], str]) -> None:
         from mixlab.data.format import write_json_atomic
@@ -326,6 +406,7 @@ class DataWeighter:
             "stages": [dict(s) for s in self.stages],
             "window": dict(self._window),
             "last_hyper_norm": self.last_hyper_norm,
+            **({"val_sampler": self.val_sampler.state_dict()} if self.val_sampler is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -336,3 +417,5 @@ class DataWeighter:
         self.stages = [dict(s) for s in state["stages"]]
         self._window = dict(state["window"])
         self.last_hyper_norm = float(state["last_hyper_norm"])
+        if self.val_sampler is not None:
+            self.val_sampler.load_state_dict(state["val_sampler"])
