@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mixlab.data.format import DataDir
 from mixlab.errors import CheckpointError, ConfigError, MixlabError
-from mixlab.integrations.torch_data import refuse_workers
+from mixlab.integrations.torch_data import check_identity, refuse_workers
 from mixlab.train.checkpoint import to_plain
 from mixlab.train.session import ActiveStep, MixingSession
 
@@ -268,10 +268,5 @@ class MixlabCallback(pl.Callback):
         assert self.session is not None
         if state.get("version") != STATE_VERSION:
             raise CheckpointError(f"not a MixlabCallback state of version {STATE_VERSION}.")
-        mine = self._identity()
-        diffs = [f"{k}: saved {state['identity'].get(k)!r}, now {v!r}" for k, v in mine.items()
-                 if state["identity"].get(k) != v]
-        if diffs:
-            raise CheckpointError("the checkpoint was written by a different mixlab setup: "
-                                  + "; ".join(diffs) + ".")
+        check_identity(state["identity"], self._identity(), "the checkpoint")
         self.session.load_state_dict(state["session"])

@@ -49,6 +49,14 @@ def refuse_workers(what: str) -> None:
         )
 
 
+def check_identity(saved: dict[str, Any], mine: dict[str, Any], what: str) -> None:
+    """Refuse to restore a session state whose setup (mixer, options, domains, seed, batch...)
+    differs from this one's, naming every field that differs."""
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in mine.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{what} was written by a different mixlab setup: " + "; ".join(diffs) + ".")
+
+
 class MixingDataset(IterableDataset):
     """The session's training steps as a dataset: one ``ActiveStep`` per item (see the module
     docstring). Iterate it with ``batch_size=None`` (each item is already a whole step)."""
@@ -128,11 +136,6 @@ class MixingDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise CheckpointError(f"not a MixingDataset state of version {STATE_VERSION}.")
-        mine = self._identity()
-        diffs = [f"{k}: saved {state['identity'].get(k)!r}, now {v!r}" for k, v in mine.items()
-                 if state["identity"].get(k) != v]
-        if diffs:
-            raise CheckpointError("the saved state was written by a different setup: "
-                                  + "; ".join(diffs) + ".")
+        check_identity(state["identity"], self._identity(), "the saved state")
         self.session.load_state_dict(state["session"])
         self._last = None
