@@ -48,6 +48,8 @@ class FakeSignals:
     branch: Callable[[np.ndarray, int], np.ndarray] | None = None
     calls: list[str] = field(default_factory=list)
     branch_calls: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    branch_options: list[dict[str, Any]] = field(default_factory=list)
+    """Per branch call: its ``counts`` and ``stream`` arguments."""
 
     def _get(self, name: str, value: np.ndarray | None) -> np.ndarray:
         self.calls.append(name)
@@ -112,9 +114,14 @@ class FakeSignals:
     def cluster_parents(self) -> np.ndarray:
         raise ConfigError("no cluster hierarchy in this fake")
 
-    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
+    def branch_eval_deltas(
+        self, mixtures: np.ndarray, steps: int, counts: np.ndarray | None = None, stream: int = 0
+    ) -> np.ndarray:
         self.calls.append("branch_eval_deltas")
         self.branch_calls.append((np.array(mixtures), steps))
+        self.branch_options.append(
+            {"counts": None if counts is None else np.array(counts), "stream": stream}
+        )
         if self.branch is None:
             raise AssertionError("the mixer asked for branch_eval_deltas, not provided here")
         return np.array(self.branch(np.asarray(mixtures), steps), dtype=np.float64)

@@ -36,6 +36,8 @@ STEPS, BATCH, GA, SEQ = 12, 8, 2, 16
 TARGET = {"domain": "c", "docs": 6}
 CASES: dict[str, dict[str, Any]] = {
     "aioli": {"mixer": "aioli", "options": {"round_steps": 6, "lp_rounds": 1, "lp_steps": 1}},
+    "aioli_branch": {"mixer": "aioli", "options": {"round_steps": 4, "lp_rounds": 1, "lp_steps": 1,
+                                                   "probes": "branch", "variant": "adaptive"}},
     "dga": {"mixer": "dga", "options": {"update_every": 3, "align_samples": 5, "target_windows": 3},
             "extra": {"target": TARGET}},
     "dga_basis": {"mixer": "dga", "options": {"update_every": 3, "align_samples": 5,

@@ -190,6 +190,14 @@ def test_fsdp_refuses_mixers_that_need_the_whole_model(tiny_data, mixer):
     load_config(None, tiny_overrides(tiny_data, [f"mixer.name='{mixer}'"]))  # fine under DDP
 
 
+def test_fsdp_refuses_aioli_only_with_branch_probes(tiny_data):
+    # Aioli's in-place probes train the sharded model itself; its branch probes copy the whole
+    # model, which a shard cannot give: the refusal follows the option, at config time.
+    with pytest.raises(ConfigError, match=r"mixer 'aioli' needs .*train.parallel = 'ddp'"):
+        load_config(None, tiny_overrides(tiny_data, ["mixer.name='aioli'", "mixer.options.probes='branch'", FSDP]))
+    load_config(None, tiny_overrides(tiny_data, ["mixer.name='aioli'", FSDP]))
+
+
 def test_unknown_parallel_is_a_config_error(tiny_data):
     with pytest.raises(ConfigError, match="train.parallel.*'ddp', 'fsdp'"):
         load_config(None, tiny_overrides(tiny_data, ["train.parallel='zero3'"]))

@@ -68,6 +68,39 @@ Robustness: a step with a non-finite loss is not observed by the trainer; a prob
 or after eval is missing (or non-finite) is left out of B; a round whose B misses a probe, or
 whose A is not finite, keeps the previous p (counted in ``report()["rounds_skipped"]``). The
 first probe's "before" eval comes from ``start()`` (the initial model).
+
+**Branch probes (``probes = "branch"``, a mixlab variant, not the published method).** The
+LearnParams steps above are real training steps on one-domain-heavy mixtures, and they cost:
+in mixlab's benchmark suite (the demo's tiny GPT, 300 steps, 5 paired seeds) Aioli lost to
+stratified sampling by +0.22 ± 0.07 nats of test loss (0/5 seeds better) with an unlearnable
+random-token domain and +0.11 ± 0.06 on the 5 real domains, and Aioli with its probes but p
+frozen at uniform (eta = 0) lost just as much (+0.21 ± 0.07, +0.11 ± 0.03): the loss comes
+from the probe steps, not from the mixture Aioli picks. With ``probes = "branch"`` LearnParams
+is measured on copies of the model and its optimizer, as Skill-It measures its skills graph
+(``signals.branch_eval_deltas``), and never trains the run's model::
+
+    [0, prior_steps)                 train on the prior p0 (phase "prior")
+    then, for round r = 0, 1, ...:
+      at its start (after step prior_steps + r U - 1 is observed; round 0 without a prior phase
+      in ``start()``): for each sweep k < lp_rounds and probe j, a copy of the current model
+      and optimizer trains lp_steps steps on batches of exactly probe_counts(sweep k)[j]; the
+      drop of each domain's mixer-eval loss is its column j of B (mean over the sweeps);
+      A = B R^{-T}, R the mean realised compositions (as above); p is updated as above
+      U                              train on p (no probe phase in the plan)
+
+Every copy of a round starts from the same model, so the sweeps differ only in their data and
+in where the leftover samples of the rounding go: ``lp_rounds`` stays the number of repeated
+measurements averaged into B. Branch k of round r reads data stream r + 1 (``stream`` of
+``branch_eval_deltas``), a pure function of the round, so every round reads fresh windows and a
+resumed run reads the same ones. The trade: no training step is disturbed, and every round costs
+m · lp_rounds · lp_steps extra branch steps (counted in the run's ``extra_steps``, on top of
+``train.steps``) plus m · lp_rounds evaluations of the mixer-eval windows. The branches train
+at the learning rate of the step observed before the round (the last step of the previous
+round, or of the prior phase; the schedule's step 0 for round 0). A round whose branch drops
+are not finite for a probe in every sweep keeps p (``rounds_skipped``); when the trainer skips
+the step before a round (a non-finite loss), the round's branches run after the next observed
+step, and p changes from there. This needs a driver with branch copies of the whole model
+(``needs_for``): ``mixlab train`` with DDP and the other full-model drivers, not FSDP.
 """
 
 from __future__ import annotations
@@ -90,6 +123,9 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 
 # Salt of the probe-order stream, so it never coincides with another stream seeded by `seed`.
 _ORDER_SALT = 0xA10E1
+
+# What ``probes = "branch"`` needs of the driver (session.CAPABILITIES).
+_BRANCH_NEEDS = frozenset({"full_model", "branches"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +232,13 @@ class Aioli(Mixer):
         ("A", "Aioli: its normalised, smoothed A"),
     )
 
+    needs_hint = "or set mixer.options.probes = 'train' (Aioli's published in-place probes)"
+
+    @classmethod
+    def needs_for(cls, config: Any) -> frozenset[str]:
+        """Branch copies of the whole model with ``probes = "branch"``; nothing otherwise."""
+        return cls.needs | (_BRANCH_NEEDS if config.probes == "branch" else frozenset())
+
     @dataclass
     class Config:
         round_steps: int = 250
@@ -244,6 +287,13 @@ class Aioli(Mixer):
         (``mixlab sweep`` hands its mixture to Aioli this way)."""
         floor: float = 0.0
         """Minimum weight of every domain outside probes (mixed with uniform); <= 1/m."""
+        probes: Literal["train", "branch"] = "train"
+        """Where LearnParams trains its probes. 'train' (published): lp_rounds * m * lp_steps
+        real steps of every round train the run's model on the probe mixtures. 'branch' (a
+        mixlab variant): each probe trains a copy of the model and optimizer at the start of
+        the round and every step of the round trains on p; costs m * lp_rounds * lp_steps
+        extra branch steps per round and needs a driver with branch copies (not FSDP). Why
+        (the probe steps cost test loss in mixlab's benchmark): the module docstring."""
 
         def __post_init__(self) -> None:
             preset = _VARIANTS[self.variant]
@@ -274,8 +324,11 @@ class Aioli(Mixer):
         m, c = ctx.m, config.one_hot_factor
         if m < 2:
             raise ConfigError("aioli needs at least 2 domains.")
-        self.lp_total = config.lp_rounds * m * config.lp_steps
-        if self.lp_total >= config.round_steps:
+        self.branch = config.probes == "branch"
+        # Probe steps per round: in the plan ("train"), or on branch copies ("branch").
+        self.probe_steps = config.lp_rounds * m * config.lp_steps
+        self.lp_total = 0 if self.branch else self.probe_steps
+        if not self.branch and self.lp_total >= config.round_steps:
             raise ConfigError(
                 f"aioli's LearnParams takes lp_rounds * lp_steps * m = {config.lp_rounds} * "
                 f"{config.lp_steps} * {m} = {self.lp_total} steps, which leaves no step of the "
@@ -359,10 +412,15 @@ class Aioli(Mixer):
         return Plan(weights=self._floored(self.p))
 
     def start(self, signals: Signals) -> None:
-        if self._locate(0)[0] == "probe":
+        if self.branch:
+            self._branch_rounds(-1, signals)
+        elif self._locate(0)[0] == "probe":
             self._record_eval(-1, signals)
 
     def observe(self, step: int, signals: Signals) -> None:
+        if self.branch:
+            self._branch_rounds(step, signals)
+            return
         # A round whose last probe step went unobserved is finished before anything of a later
         # round is recorded.
         self._finalize_through(step - 1)
@@ -384,6 +442,33 @@ class Aioli(Mixer):
         elif before_probe:
             self._record_eval(step, signals)
         self._finalize_through(step)
+
+    def _branch_rounds(self, step: int, signals: Signals) -> None:
+        """``probes = "branch"``: measure and finish the round that starts after ``step``, or
+        the latest round whose start came after an unobserved step (the rounds in between are
+        skipped)."""
+        cfg = self.config
+        nxt = step + 1  # the first step the measurement can change
+        if nxt < cfg.prior_steps or nxt >= self.ctx.total_steps:
+            return
+        r = (nxt - cfg.prior_steps) // cfg.round_steps
+        if r < self.rounds_done:
+            return
+        self.rounds_skipped += r - self.rounds_done
+        self.rounds_done = r
+        m, batch = self.ctx.m, self.ctx.batch_size
+        counts = self.probe_counts.reshape(cfg.lp_rounds * m, m)  # row k * m + j: sweep k, probe j
+        drops = np.asarray(
+            signals.branch_eval_deltas(counts / batch, cfg.lp_steps, counts=counts, stream=r + 1),
+            dtype=np.float64,
+        ).reshape(cfg.lp_rounds, m, m)
+        for k in range(cfg.lp_rounds):
+            for j in range(m):
+                if np.all(np.isfinite(drops[k, j])):
+                    self.B_sum[:, j] += drops[k, j]
+                    self.B_n[j] += 1
+                    self.R_sum[j] += self.probe_counts[k, j] / batch
+        self._finalize_round()
 
     def _record_eval(self, step: int, signals: Signals) -> None:
         self.last_eval = np.asarray(signals.eval_losses(), dtype=np.float64)

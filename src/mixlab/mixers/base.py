@@ -105,12 +105,23 @@ class Signals(Protocol):
         Raises ConfigError when no reference model is configured."""
         ...
 
-    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
+    def branch_eval_deltas(
+        self,
+        mixtures: np.ndarray,
+        steps: int,
+        counts: np.ndarray | None = None,
+        stream: int = 0,
+    ) -> np.ndarray:
         """For each row of ``mixtures`` [k, m], train a *copy* of the current model (and
         optimizer state) for ``steps`` steps on batches drawn from that mixture, and return the
         drop of the mixer-eval loss of every domain [k, m] (before - after; positive = improved).
         The main run's model, optimizer and data order are untouched; the steps are counted as
-        the run's ``extra_steps``. Used by Skill-It to learn its skills graph."""
+        the run's ``extra_steps``. ``counts`` [k, m] (ints, each row summing to the batch size):
+        every batch of branch k holds exactly ``counts[k]`` samples per domain (``mixtures`` is
+        then ``counts / batch``). ``stream``: which data windows the branches read; branch k of
+        stream s always reads the same ones, so a mixer that measures repeatedly passes a new
+        stream each time (a pure function of the step, for exact resumes). Used by Skill-It to
+        learn its skills graph and by Aioli's ``probes = "branch"``."""
         ...
 
     def sample_alignments(
@@ -186,11 +197,20 @@ class Mixer:
     """True when the method needs a reference model (``[mixer] reference``), like DoReMi."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """Capabilities of the training driver its signals need (``mixlab.train.session.CAPABILITIES``:
-    ``"full_model"``, ``"branches"``); a driver that lacks one refuses the mixer up front."""
+    ``"full_model"``, ``"branches"``); a driver that lacks one refuses the mixer up front (see
+    ``needs_for``)."""
+    needs_hint: ClassVar[str] = ""
+    """What else the user can do when a driver lacks what ``needs_for`` asks (added to the refusal)."""
     own_A: ClassVar[tuple[tuple[str, str], ...]] = ()
     """The method's own mixing-law matrix A (``mixlab.lmo``) in its ``report()``, as (report key,
     description) pairs: ``mixlab lmo`` reads the first key the run logged (a vector is the
     diagonal of A) and compares it with the fitted A. Empty: the method has no A of its own."""
+
+    @classmethod
+    def needs_for(cls, config: Any) -> frozenset[str]:
+        """The capabilities this configuration (an instance of ``Config``) needs: ``needs``
+        unless a subclass knows better (Aioli's branch probes)."""
+        return cls.needs
 
     @classmethod
     def loss_mixture(cls, options: dict[str, Any]) -> tuple[str, str] | None:

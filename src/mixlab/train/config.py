@@ -301,7 +301,7 @@ class TrainConfig:
         if self.train.parallel == "fsdp":
             from mixlab.train.fsdp import check_mixer
 
-            check_mixer(self.mixer.name)
+            check_mixer(self.mixer.name, self.mixer.options)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -55,11 +55,15 @@ since each rank holds only a shard of the parameters."""
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def check_mixer(name: str) -> None:
-    """Raise ``ConfigError`` when mixer ``name`` needs a capability a sharded model lacks."""
+def check_mixer(name: str, options: dict[str, Any] | None = None) -> None:
+    """Raise ``ConfigError`` when mixer ``name`` with ``options`` (its ``[mixer.options]``)
+    needs a capability a sharded model lacks (``Mixer.needs_for``: e.g. Aioli only with
+    ``probes = "branch"``)."""
+    from mixlab.config import from_dict
     from mixlab.mixers.base import mixer_class
 
-    if mixer_class(name).needs - PROVIDES:
+    cls = mixer_class(name)
+    if cls.needs_for(from_dict(cls.Config, dict(options or {}), where="mixer.options")) - PROVIDES:
         raise ConfigError(
             f"mixer '{name}' needs the whole, unsharded parameters on every rank (its signals "
             "are per-sample alignments, per-domain gradients or branch copies of the model), "

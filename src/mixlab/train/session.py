@@ -71,7 +71,11 @@ from mixlab.weighting.base import weighter_class
 AUX_SEED_OFFSET = 1_000_003
 """The auxiliary (measurement) stream is seeded ``seed + AUX_SEED_OFFSET``."""
 BRANCH_SEED_STRIDE = 7919
-"""Branch k of ``branch_eval_deltas`` reads a stream seeded ``seed + BRANCH_SEED_STRIDE * (k+1)``."""
+"""Branch k of ``branch_eval_deltas`` reads a stream seeded ``seed + BRANCH_SEED_STRIDE * (k+1)``,
+plus ``stream * BRANCH_STREAM_STRIDE`` when the caller asks for another stream."""
+BRANCH_STREAM_STRIDE = 2**32
+"""Stream s > 0 of the branches lies in its own block of seeds, above every seed < 2**32, so it
+meets neither the run's streams nor another stream's."""
 
 CAPABILITIES: dict[str, str] = {
     "full_model": "the whole, unsharded parameters on every rank (per-sample alignments, "
@@ -233,12 +237,15 @@ class MixingSession:
         self.m = len(self.domains)
         seq = cfg.data.seq_len
         check_batch(cfg, self.world)
-        missing = sorted(mixer_class(cfg.mixer.name).needs - run.provides)
+        mixer_cls = mixer_class(cfg.mixer.name)
+        mixer_cfg = from_dict(mixer_cls.Config, cfg.mixer.options, where="mixer.options")
+        missing = sorted(mixer_cls.needs_for(mixer_cfg) - run.provides)
         if missing:
+            hint = f", {mixer_cls.needs_hint}" if mixer_cls.needs_hint else ""
             raise ConfigError(
                 f"mixer '{cfg.mixer.name}' needs {'; '.join(CAPABILITIES[c] for c in missing)}, "
                 "which this way of training does not provide; train it with `mixlab train` "
-                "(train.parallel = 'ddp') or a driver that provides it."
+                f"(train.parallel = 'ddp') or a driver that provides it{hint}."
             )
         if cfg.weighting.enabled:
             check_weighter_needs(cfg, run.provides)
@@ -484,15 +491,25 @@ class MixingSession:
         return all_gather_array(local, self.dist)
 
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int, step: int,
-                           lr: float | None = None) -> np.ndarray:
+                           lr: float | None = None, counts: np.ndarray | None = None,
+                           stream: int = 0) -> np.ndarray:
         """Train a copy of the model and optimizer per mixture for ``steps`` steps at learning
         rate ``lr`` (default: the schedule's at ``step``); return the drops [k, m] of the
-        mixer-eval losses (``step``'s cached ones are the baseline)."""
+        mixer-eval losses (``step``'s cached ones are the baseline). ``counts`` [k, m]: exact
+        per-batch compositions of the branches (in place of drawing from ``mixtures``);
+        ``stream``: which seeded data windows the branches read (``BRANCH_STREAM_STRIDE``)."""
         if "branches" not in self.run.provides:
             raise ConfigError(f"mixer '{self.cfg.mixer.name}' trains branch copies of the model: "
                               f"this driver does not provide {CAPABILITIES['branches']}.")
         if self.optimizer is None and self.run.new_optimizer is None:
             raise ConfigError("branch copies need the optimizer: give the session the run's optimizer.")
+        if counts is not None:
+            counts = np.asarray(counts, dtype=np.int64)
+            if counts.shape != np.shape(mixtures):
+                raise ConfigError(f"branch counts have shape {counts.shape}, the mixtures "
+                                  f"{np.shape(mixtures)}.")
+        if int(stream) < 0:
+            raise ConfigError(f"branch stream must be >= 0, got {stream}.")
         base_losses = self.signal_eval_losses(step)
         out = np.zeros_like(mixtures)
         lr = self.learning_rate(max(0, step)) if lr is None else lr
@@ -508,12 +525,16 @@ class MixingSession:
             # A separate data stream, so branches never move the main run's data order.
             sampler = MixtureSampler(
                 self.data, "train", self.cfg.data.seq_len, t.batch_size,
-                t.seed + BRANCH_SEED_STRIDE * (k + 1), self.rank, self.world, self.domains,
+                t.seed + BRANCH_SEED_STRIDE * (k + 1) + BRANCH_STREAM_STRIDE * int(stream),
+                self.rank, self.world, self.domains,
             )
             for group in opt.param_groups:
                 group["lr"] = lr
             for _ in range(steps):
-                batch = sampler.next_batch(weights=check_distribution(mix, "branch mixture"))
+                batch = (
+                    sampler.next_batch(weights=check_distribution(mix, "branch mixture"))
+                    if counts is None else sampler.next_batch(counts=counts[k])
+                )
                 opt.zero_grad(set_to_none=True)
                 with self.autocast():
                     loss = per_sample_loss(branch, batch.tokens.to(self.device)).mean()

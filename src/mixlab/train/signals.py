@@ -74,7 +74,8 @@ class Session(Protocol):
     def target_probe_loss(self, step: int) -> float: ...
     def reference_sample_losses(self, tokens: torch.Tensor) -> np.ndarray: ...
     def branch_eval_deltas(self, mixtures: np.ndarray, steps: int, step: int,
-                           lr: float | None = None) -> np.ndarray: ...
+                           lr: float | None = None, counts: np.ndarray | None = None,
+                           stream: int = 0) -> np.ndarray: ...
 
 
 DIRECTIONS = ("target", "val", "domains")
@@ -204,13 +205,17 @@ class StepSignals:
 
         return self._cached("excess", compute)  # type: ignore[return-value]
 
-    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int) -> np.ndarray:
+    def branch_eval_deltas(self, mixtures: np.ndarray, steps: int,
+                           counts: np.ndarray | None = None, stream: int = 0) -> np.ndarray:
         mixtures = np.atleast_2d(np.asarray(mixtures, dtype=np.float64))
         if mixtures.shape[1] != self._session.m:
             raise ConfigError(f"branch mixtures must have {self._session.m} columns.")
+        if counts is not None:
+            counts = np.atleast_2d(np.asarray(counts, dtype=np.int64))
         # The lr of the step observed: a driver whose scheduler already moved on (the HF
         # Trainer's) trains the branches as the step itself was trained.
-        return self._session.branch_eval_deltas(mixtures, steps, self.step, self.learning_rate())
+        return self._session.branch_eval_deltas(mixtures, steps, self.step, self.learning_rate(),
+                                                counts=counts, stream=stream)
 
     # ------------------------------------------------------------ alignment signals
 
