@@ -361,6 +361,7 @@ ROWS: list[Row] = [
     Row("dga+ema+budget", "dga", "t-dga-ema-budget", 5, options={**DGA, "ema": 0.9}, target=True,
         budget=True, only=("constrained",)),
     Row("stratified+budget", "stratified", "stratified-budget", 3, budget=True, only=("constrained",)),
+    Row("aioli-branch", "aioli", "aioli-branch", 3, options={"probes": "branch"}),
     Row("odm", "odm", "main", 4),
     Row("skillit", "skillit", "main", 4),
     Row("doremi", "doremi", "main", 4),
@@ -371,7 +372,8 @@ ROWS: list[Row] = [
 ]
 """Priority order (1 first; within a priority, row by row, each in every setting): what the
 claims need (stratified, Aioli and its frozen-p diagnostic), the best fixed mixture (the gain to
-capture), the target regimes and budgets (DGA vs importance sampling), then the other mixers,
+capture), the target regimes and budgets (DGA vs importance sampling) and Aioli with its probes
+on branch copies (``probes = "branch"``: the variant the frozen-p diagnostic called for), then the other mixers,
 DoGE last of them (in issue 17's first measurement the noisiest: +3.8 +- 9.2 PPL), then the
 extra rows."""
 
@@ -821,7 +823,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             add(f"| {r.name} | {mu:.4f} ± {se:.4f} | {cell_n} | {cell_i} | {fmt(*mean_se(dt))} |")
 
     # Noise floor.
-    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, ["best-fixed", "aioli", "aioli-frozen"])
+    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, ["best-fixed", "aioli", "aioli-frozen", "aioli-branch"])
     add("\nNoise floor. Seed-to-seed: SE over seeds of stratified's loss and of paired Δ. Evaluation: "
         f"SE over the test windows (i.i.d. windows / batch means of {BLOCK} consecutive windows) of "
         "one run's loss, of one seed's paired Δ, and of the Δ averaged over the seeds (every seed "
@@ -867,6 +869,19 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
                    "not reproduced here" if "not reproduced here" in verdicts else "within noise")
         add(f"- Aioli vs stratified in every setting (claim: better in all, never worse): {overall}; "
             + "; ".join(parts))
+    if cells.get("aioli-frozen"):
+        parts = []
+        for k in keys:
+            if "aioli" in res[k] and "aioli-frozen" in res[k]:
+                d = paired({sd: v["test"] for sd, v in res[k]["aioli"].items()},
+                           {sd: v["test"] for sd, v in res[k]["aioli-frozen"].items()})
+                parts.append(f"{k}: probes alone (frozen p) {fmt(*cells['aioli-frozen'][k][:2])}, "
+                             f"Aioli's mixture on top (aioli − frozen) {fmt(*mean_se(d))}")
+        add("- Where Aioli's difference comes from (diagnostic): " + "; ".join(parts))
+    if cells.get("aioli-branch"):
+        parts = [f"{k} {fmt(*cells['aioli-branch'][k][:2])} → {verdict(*cells['aioli-branch'][k][:2])}"
+                 for k in keys if k in cells["aioli-branch"]]
+        add("- Aioli with its probes on branch copies (probes = 'branch') vs stratified: " + "; ".join(parts))
     for k in keys:
         if "dga" in res.get(k, {}) and "importance" in res[k]:
             for name in ("dga", "dga+ema", "dga+budget", "dga+ema+budget"):
