@@ -919,7 +919,11 @@ def main() -> int:
             and r.priority <= args.max_priority]
     if not args.report:
         dirs = build_data(args)
-        train_all(args, sets, rows, dirs)
+        try:
+            train_all(args, sets, rows, dirs)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs wrote their checkpoints
+            say("stopped; run the same command again to continue")
+            return 130
     table = report(args, sets, [r for r in ROWS if not asked or r.name in asked or r.name == "stratified"])
     print(table)
     (Path(args.out) / "suite_table.md").write_text(table + "\n", encoding="utf-8")
