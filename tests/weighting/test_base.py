@@ -267,3 +267,26 @@ def test_dwm_state_of_a_checkpoint_written_before_weighters_loads(tiny_data):
     second = MixingSession(cfg, RunView(model=torch.nn.Linear(1, 1)), data).weighting
     second.load_state_dict(old)
     assert torch.equal(second.weighter.val_tokens(1), first.weighter.val_tokens(1))
+
+
+def test_a_checkpoint_written_in_the_flat_layout_resumes(tiny_data, tmp_path):
+    """A run interrupted before the upgrade resumes after it: its checkpoint's config (DWM's
+    fields flat under [weighting]) is read in the current layout before it is compared."""
+    import json
+
+    from mixlab.errors import CheckpointError
+    from mixlab.train.checkpoint import load_checkpoint
+
+    cfg = load_config(None, tiny_overrides(tiny_data, ["train.steps=4", "checkpoint.every=2"]))
+    run = tmp_path / "r"
+    Trainer(cfg, run).run()
+    (ckpt,) = sorted((run / "checkpoints").iterdir())[:1]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    old_fields = {"stages": 5, "updates_per_stage": 10, "tau": 1.0, "lr": 0.003, "method": "fd",
+                  "load": "", "frozen": False}
+    meta["config"]["weighting"] = {"name": "none", **old_fields}  # as mixlab wrote it before
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    load_checkpoint(ckpt, to_dict(cfg))  # no difference: it resumes
+    other = to_dict(load_config(None, tiny_overrides(tiny_data, ["train.steps=4", "mixer.name=odm"])))
+    with pytest.raises(CheckpointError, match="mixer.name: checkpoint has 'stratified', config has 'odm'"):
+        load_checkpoint(ckpt, other)  # a real difference is still refused

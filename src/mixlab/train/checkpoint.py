@@ -169,6 +169,21 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _as_read_now(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's resolved config as this mixlab reads a config, so a section whose layout
+    changed since it was written (``[weighting]`` options) compares in its current layout and an
+    interrupted run still resumes after an upgrade; unchanged when it no longer validates (the
+    differences then say what changed)."""
+    from mixlab.config import from_dict, to_dict
+    from mixlab.errors import MixlabError
+    from mixlab.train.config import TrainConfig
+
+    try:
+        return to_dict(from_dict(TrainConfig, saved))
+    except (MixlabError, TypeError, ValueError):
+        return saved
+
+
 def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a checkpoint's meta and state after checking it belongs to ``config``.
 
@@ -184,7 +199,7 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any],
             f"checkpoint {path} has format version {meta.get('ckpt_version')} (mixlab "
             f"{meta.get('mixlab_version')}); this mixlab {__version__} reads version {CKPT_VERSION}."
         )
-    diffs = config_differences(meta.get("config", {}), config)
+    diffs = config_differences(_as_read_now(meta.get("config", {})), config)
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} belongs to a different run:\n  " + "\n  ".join(diffs)
