@@ -340,6 +340,9 @@ class Row:
     budget: bool = False
     only: tuple[str, ...] = ()
     """Settings this row runs in (empty = every setting)."""
+    report_weights: bool = False
+    """A fixed mixture equal to the setting's reported-average weights (uniform over the real
+    distributions: nothing on ``noise``, each medical half at 1/10), instead of the sweep's pick."""
 
 
 DGA = {"update_every": 10, "target_windows": 8, "align_samples": 32}
@@ -362,6 +365,8 @@ ROWS: list[Row] = [
         budget=True, only=("constrained",)),
     Row("stratified+budget", "stratified", "stratified-budget", 3, budget=True, only=("constrained",)),
     Row("aioli-branch", "aioli", "aioli-branch", 3, options={"probes": "branch"}),
+    Row("report-uniform", "fixed", "report-uniform", 4, report_weights=True,
+        only=("unlearnable", "duplicate")),
     Row("odm", "odm", "main", 4),
     Row("skillit", "skillit", "main", 4),
     Row("doremi", "doremi", "main", 4),
@@ -543,10 +548,12 @@ def train_all(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row
                         f"{key} / {row.name} or anything after it")
                     return
                 fixed = None
-                if row.mixer == "fixed":
+                if row.report_weights:
+                    fixed = dict(s.report)
+                elif row.mixer == "fixed":
                     fixed = best_fixed(s, general[key], out, args)["chosen"]["weights"]
                 run_row(row, s, general[key], out, args, fixed)
-                if row.mixer == "fixed":
+                if row.mixer == "fixed" and not row.report_weights:
                     _account(out, key, row, args.seeds)
 
 
@@ -823,7 +830,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             add(f"| {r.name} | {mu:.4f} ± {se:.4f} | {cell_n} | {cell_i} | {fmt(*mean_se(dt))} |")
 
     # Noise floor.
-    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, ["best-fixed", "aioli", "aioli-frozen", "aioli-branch"])
+    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, ["best-fixed", "report-uniform", "aioli", "aioli-frozen", "aioli-branch"])
     add("\nNoise floor. Seed-to-seed: SE over seeds of stratified's loss and of paired Δ. Evaluation: "
         f"SE over the test windows (i.i.d. windows / batch means of {BLOCK} consecutive windows) of "
         "one run's loss, of one seed's paired Δ, and of the Δ averaged over the seeds (every seed "
