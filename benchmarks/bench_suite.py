@@ -709,6 +709,14 @@ def fmt(mean: float, se: float, digits: int = 4) -> str:
     return f"{mean:+.{digits}f} ± {se:.{digits}f}" if math.isfinite(mean) else "—"
 
 
+def best_fixed_row(per_row: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str | None:
+    """The fixed row (``best-fixed``, ``report-uniform``) with the lowest mean validation loss
+    over its seeds (validation, so the test losses being compared play no part in the choice)."""
+    cands = {n: float(np.mean([v["val"] for v in per_row[n].values()]))
+             for n in ("best-fixed", "report-uniform") if len(per_row.get(n, {})) >= 2}
+    return min(cands, key=cands.__getitem__) if cands else None
+
+
 def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) -> str:
     out = Path(args.out)
     res = collect(out, sets, rows, args.seeds)
@@ -741,8 +749,12 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         if any(row_cells):
             add(f"| {r.name} | " + " | ".join(row_cells) + " |")
 
-    add("\nShare of the best fixed mixture's gain captured: mean(Δ method) / mean(Δ best-fixed), "
-        "SE by the delta method over the paired seeds (1 = all of it, < 0 = worse than stratified).\n")
+    gain_row = {k: best_fixed_row(res[k]) for k in keys}
+    add("\nShare of the best fixed mixture's gain captured: mean(Δ method) / mean(Δ best fixed), "
+        "SE by the delta method over the paired seeds (1 = all of it, < 0 = worse than stratified). "
+        "The best fixed mixture of a setting is the fixed row (the sweep's pick `best-fixed`, or "
+        "`report-uniform`) with the lower mean validation loss over the seeds: "
+        + ", ".join(f"{k}: {gain_row[k] or '—'}" for k in keys) + ".\n")
     add("| method | " + " | ".join(sets[k].key for k in keys) + " |")
     add("|---|" + "---|" * len(keys))
     for r in general:
@@ -750,12 +762,13 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             continue
         row_cells = []
         for k in keys:
-            if r.name not in res[k] or "best-fixed" not in res[k]:
+            g = gain_row[k]
+            if r.name not in res[k] or g is None:
                 row_cells.append("—")
                 continue
             base = {sd: v["test"] for sd, v in res[k]["stratified"].items()}
             a = {sd: v["test"] - base[sd] for sd, v in res[k][r.name].items() if sd in base}
-            b = {sd: v["test"] - base[sd] for sd, v in res[k]["best-fixed"].items() if sd in base}
+            b = {sd: v["test"] - base[sd] for sd, v in res[k][g].items() if sd in base}
             common = sorted(set(a) & set(b))
             if len(common) < 2:
                 row_cells.append("—")

@@ -76,6 +76,18 @@ def test_weighted_loss_last_fraction_and_verdict(suite):
     assert suite.verdict(float("nan"), 0.1) == "within noise"
 
 
+def test_best_fixed_row_is_chosen_on_validation_not_test(suite):
+    runs = {
+        "best-fixed": {0: {"val": 5.0, "test": 4.0}, 1: {"val": 5.2, "test": 4.0}},      # val mean 5.1
+        "report-uniform": {0: {"val": 5.0, "test": 9.0}, 1: {"val": 5.0, "test": 9.0}},  # val mean 5.0
+        "aioli": {0: {"val": 1.0, "test": 1.0}, 1: {"val": 1.0, "test": 1.0}},            # not a fixed row
+    }
+    assert suite.best_fixed_row(runs) == "report-uniform"
+    # One seed is not a mean: such a row is not a candidate.
+    assert suite.best_fixed_row({**runs, "report-uniform": {0: {"val": 1.0}}}) == "best-fixed"
+    assert suite.best_fixed_row({"aioli": runs["aioli"]}) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
