@@ -114,19 +114,24 @@ def config_for(
     return from_dict(TrainConfig, merge_config(dict(extra or {}), mine), where=where)
 
 
+def refuse_missing(subject: str, needs: frozenset[str], provides: frozenset[str], hint: str = "",
+                   why: str = "") -> None:
+    """Raise one ConfigError when ``subject`` (a mixer or weighter, as the user named it) needs
+    capabilities the driver does not provide, naming each missing one (``CAPABILITIES``)."""
+    missing = sorted(needs - provides)
+    if missing:
+        raise ConfigError(
+            f"{subject} needs {'; '.join(CAPABILITIES[c] for c in missing)}, which this way of "
+            f"training does not provide{why}; train it with `mixlab train` (train.parallel = "
+            f"'ddp') or a driver that provides it{', ' + hint if hint else ''}."
+        )
+
+
 def check_weighter_needs(cfg: TrainConfig, provides: frozenset[str]) -> None:
     """Refuse a weighter that needs a capability the driver does not provide (``Weighter.needs_for``)."""
-    name = cfg.weighting.name
-    cls = weighter_class(name)
-    missing = sorted(cls.needs_for(cfg.weighting.weighter_config()) - provides)
-    if missing:
-        hint = f", {cls.needs_hint}" if cls.needs_hint else ""
-        raise ConfigError(
-            f"weighting.name = '{name}' needs {'; '.join(CAPABILITIES[c] for c in missing)}, which "
-            "this way of training does not provide (under train.parallel = 'fsdp' each rank holds "
-            f"a shard); train it with `mixlab train` (train.parallel = 'ddp') or a driver that "
-            f"provides it{hint}."
-        )
+    cls = weighter_class(cfg.weighting.name)
+    refuse_missing(f"weighting.name = '{cfg.weighting.name}'", cls.needs_for(cfg.weighting.weighter_config()),
+                   provides, cls.needs_hint, " (under train.parallel = 'fsdp' each rank holds a shard)")
 
 
 def check_batch(cfg: TrainConfig, world_size: int) -> None:
@@ -239,14 +244,8 @@ class MixingSession:
         check_batch(cfg, self.world)
         mixer_cls = mixer_class(cfg.mixer.name)
         mixer_cfg = from_dict(mixer_cls.Config, cfg.mixer.options, where="mixer.options")
-        missing = sorted(mixer_cls.needs_for(mixer_cfg) - run.provides)
-        if missing:
-            hint = f", {mixer_cls.needs_hint}" if mixer_cls.needs_hint else ""
-            raise ConfigError(
-                f"mixer '{cfg.mixer.name}' needs {'; '.join(CAPABILITIES[c] for c in missing)}, "
-                "which this way of training does not provide; train it with `mixlab train` "
-                f"(train.parallel = 'ddp') or a driver that provides it{hint}."
-            )
+        refuse_missing(f"mixer '{cfg.mixer.name}'", mixer_cls.needs_for(mixer_cfg), run.provides,
+                       mixer_cls.needs_hint)
         if cfg.weighting.enabled:
             check_weighter_needs(cfg, run.provides)
         self.train_tokens = np.array(
