@@ -709,11 +709,16 @@ def fmt(mean: float, se: float, digits: int = 4) -> str:
     return f"{mean:+.{digits}f} ± {se:.{digits}f}" if math.isfinite(mean) else "—"
 
 
+FIXED_ROWS = ("best-fixed", "report-uniform", "natural")
+"""Rows that train one fixed mixture: the candidates for the gain to capture."""
+
+
 def best_fixed_row(per_row: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> str | None:
-    """The fixed row (``best-fixed``, ``report-uniform``) with the lowest mean validation loss
-    over its seeds (validation, so the test losses being compared play no part in the choice)."""
+    """The fixed row (``best-fixed``, ``report-uniform``, or ``natural``: sampling by size is a
+    fixed mixture too, known before training) with the lowest mean validation loss over its seeds
+    (validation, so the test losses being compared play no part in the choice)."""
     cands = {n: float(np.mean([v["val"] for v in per_row[n].values()]))
-             for n in ("best-fixed", "report-uniform") if len(per_row.get(n, {})) >= 2}
+             for n in FIXED_ROWS if len(per_row.get(n, {})) >= 2}
     return min(cands, key=cands.__getitem__) if cands else None
 
 
@@ -752,8 +757,9 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
     gain_row = {k: best_fixed_row(res[k]) for k in keys}
     add("\nShare of the best fixed mixture's gain captured: mean(Δ method) / mean(Δ best fixed), "
         "SE by the delta method over the paired seeds (1 = all of it, < 0 = worse than stratified). "
-        "The best fixed mixture of a setting is the fixed row (the sweep's pick `best-fixed`, or "
-        "`report-uniform`) with the lower mean validation loss over the seeds: "
+        "The best fixed mixture of a setting is the fixed row (the sweep's pick `best-fixed`, "
+        "`report-uniform`, or `natural` where it ran) with the lowest mean validation loss over "
+        "the seeds: "
         + ", ".join(f"{k}: {gain_row[k] or '—'}" for k in keys) + ".\n")
     add("| method | " + " | ".join(sets[k].key for k in keys) + " |")
     add("|---|" + "---|" * len(keys))
@@ -843,7 +849,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             add(f"| {r.name} | {mu:.4f} ± {se:.4f} | {cell_n} | {cell_i} | {fmt(*mean_se(dt))} |")
 
     # Noise floor.
-    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, ["best-fixed", "report-uniform", "aioli", "aioli-frozen", "aioli-branch"])
+    noise = eval_noise(out, {k: sets[k] for k in keys}, args.seeds, [*FIXED_ROWS, "aioli", "aioli-frozen", "aioli-branch"])
     add("\nNoise floor. Seed-to-seed: SE over seeds of stratified's loss and of paired Δ. Evaluation: "
         f"SE over the test windows (i.i.d. windows / batch means of {BLOCK} consecutive windows) of "
         "one run's loss, of one seed's paired Δ, and of the Δ averaged over the seeds (every seed "
@@ -860,6 +866,10 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         first = True
         for name, dd in e["diff"].items():
             c = cells.get(name, {}).get(k)
+            if c is None and name in res[k]:  # a target row (natural): its paired Δ from here
+                dn = paired({sd: v["test"] for sd, v in res[k][name].items()},
+                            {sd: v["test"] for sd, v in res[k]["stratified"].items()})
+                c = (*mean_se(dn), 0, len(dn))
             head = (f"| {k} | {sum(e['windows'].values())} | {sd:.4f} / {sd / math.sqrt(len(base)):.4f} | "
                     f"{e['run_iid']:.4f} / {e['run_block']:.4f} |") if first else "| | | | |"
             first = False

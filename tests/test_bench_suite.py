@@ -86,6 +86,9 @@ def test_best_fixed_row_is_chosen_on_validation_not_test(suite):
     # One seed is not a mean: such a row is not a candidate.
     assert suite.best_fixed_row({**runs, "report-uniform": {0: {"val": 1.0}}}) == "best-fixed"
     assert suite.best_fixed_row({"aioli": runs["aioli"]}) is None
+    # Sampling by size is a fixed mixture: a candidate where it ran.
+    natural = {0: {"val": 4.9, "test": 9.0}, 1: {"val": 4.9, "test": 9.0}}
+    assert suite.best_fixed_row({**runs, "natural": natural}) == "natural"
 
 
 # ---------------------------------------------------------------------------------------------
