@@ -855,8 +855,9 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         "one run's loss, of one seed's paired Δ, and of the Δ averaged over the seeds (every seed "
         "is scored on the same windows, so averaging seeds does not shrink this part).\n")
     add("| setting | test windows | stratified: seed SD / seed SE | stratified: eval SE of a run | "
-        "row | paired Δ: seed SE | eval SE of one seed's Δ | eval SE of the mean Δ |")
-    add("|---|---|---|---|---|---|---|---|")
+        "row | paired Δ: seed SE | eval SE of one seed's Δ | eval SE of the mean Δ | "
+        "both: √(seed² + eval²), batch means |")
+    add("|---|---|---|---|---|---|---|---|---|")
     for k in keys:
         if k not in noise:
             continue
@@ -873,8 +874,11 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             head = (f"| {k} | {sum(e['windows'].values())} | {sd:.4f} / {sd / math.sqrt(len(base)):.4f} | "
                     f"{e['run_iid']:.4f} / {e['run_block']:.4f} |") if first else "| | | | |"
             first = False
+            # Every seed is scored on the same windows, so the evaluation part of the mean Δ does
+            # not shrink with more seeds: the whole error bar adds it to the seed part.
             add(f"{head} {name} | {c[1]:.4f} | {dd['per_seed_iid']:.4f} / {dd['per_seed_block']:.4f} | "
-                f"{dd['mean_iid']:.4f} / {dd['mean_block']:.4f} |" if c else f"{head} {name} | — | — | — |")
+                f"{dd['mean_iid']:.4f} / {dd['mean_block']:.4f} | {math.hypot(c[1], dd['mean_block']):.4f} |"
+                if c else f"{head} {name} | — | — | — | — |")
 
     # Flattening.
     add("\nFlattening of stratified's validation loss (reported average): loss change over the last 20% "
