@@ -114,6 +114,13 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> list[float]:
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
+def paired_test_delta(per_row: Mapping[str, Mapping[int, Mapping[str, Any]]], name: str,
+               base: str = "stratified") -> list[float]:
+    """Paired differences of average test loss, row ``name`` minus row ``base``, per common seed."""
+    return paired({sd: v["test"] for sd, v in per_row[name].items()},
+                  {sd: v["test"] for sd, v in per_row[base].items()})
+
+
 def share_of_gain(method: Sequence[float], best: Sequence[float]) -> tuple[float, float]:
     """(r, SE) with r = mean(method) / mean(best): the share of the best fixed mixture's gain
     over the baseline that a method captures, from paired per-seed differences ``method`` and
@@ -746,7 +753,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
                 mu, se = mean_se(list(base.values()))
                 row_cells.append(f"{mu:.4f} ± {se:.4f} (absolute) [{len(base)}]")
                 continue
-            diffs = paired({sd: v["test"] for sd, v in res[k][r.name].items()}, base)
+            diffs = paired_test_delta(res[k], r.name)
             mu, se = mean_se(diffs)
             wins = sum(d < 0 for d in diffs)
             cells.setdefault(r.name, {})[k] = (mu, se, wins, len(diffs))
@@ -835,7 +842,6 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         add("|---|---|---|---|---|")
         nat = {sd: v["target"] for sd, v in res[k]["natural"].items()}
         imp = {sd: v["target"] for sd, v in res[k].get("importance", {}).items()}
-        strat = {sd: v["test"] for sd, v in res[k]["stratified"].items()}
         for r in [r for r in rows if r.target]:
             if r.name not in res[k]:
                 continue
@@ -843,7 +849,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
             mu, se = mean_se(list(t.values()))
             dn = paired(t, nat)
             di = paired(t, imp) if r.name != "importance" else []
-            dt = paired({sd: v["test"] for sd, v in res[k][r.name].items()}, strat)
+            dt = paired_test_delta(res[k], r.name)
             cell_n = "baseline" if r.name == "natural" else f"{fmt(*mean_se(dn))} [{sum(d < 0 for d in dn)}/{len(dn)}]"
             cell_i = f"{fmt(*mean_se(di))} [{sum(d < 0 for d in di)}/{len(di)}]" if di else "—"
             add(f"| {r.name} | {mu:.4f} ± {se:.4f} | {cell_n} | {cell_i} | {fmt(*mean_se(dt))} |")
@@ -866,19 +872,15 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         sd = float(np.std(base, ddof=1)) if len(base) > 1 else math.nan
         first = True
         for name, dd in e["diff"].items():
-            c = cells.get(name, {}).get(k)
-            if c is None and name in res[k]:  # a target row (natural): its paired Δ from here
-                dn = paired({sd: v["test"] for sd, v in res[k][name].items()},
-                            {sd: v["test"] for sd, v in res[k]["stratified"].items()})
-                c = (*mean_se(dn), 0, len(dn))
+            seed_se = mean_se(paired_test_delta(res[k], name))[1] if name in res[k] else None
             head = (f"| {k} | {sum(e['windows'].values())} | {sd:.4f} / {sd / math.sqrt(len(base)):.4f} | "
                     f"{e['run_iid']:.4f} / {e['run_block']:.4f} |") if first else "| | | | |"
             first = False
             # Every seed is scored on the same windows, so the evaluation part of the mean Δ does
             # not shrink with more seeds: the whole error bar adds it to the seed part.
-            add(f"{head} {name} | {c[1]:.4f} | {dd['per_seed_iid']:.4f} / {dd['per_seed_block']:.4f} | "
-                f"{dd['mean_iid']:.4f} / {dd['mean_block']:.4f} | {math.hypot(c[1], dd['mean_block']):.4f} |"
-                if c else f"{head} {name} | — | — | — | — |")
+            add(f"{head} {name} | {seed_se:.4f} | {dd['per_seed_iid']:.4f} / {dd['per_seed_block']:.4f} | "
+                f"{dd['mean_iid']:.4f} / {dd['mean_block']:.4f} | {math.hypot(seed_se, dd['mean_block']):.4f} |"
+                if seed_se is not None else f"{head} {name} | — | — | — | — |")
 
     # Flattening.
     add("\nFlattening of stratified's validation loss (reported average): loss change over the last 20% "
@@ -907,8 +909,7 @@ def report(args: argparse.Namespace, sets: dict[str, Setting], rows: list[Row]) 
         parts = []
         for k in keys:
             if "aioli" in res[k] and "aioli-frozen" in res[k]:
-                d = paired({sd: v["test"] for sd, v in res[k]["aioli"].items()},
-                           {sd: v["test"] for sd, v in res[k]["aioli-frozen"].items()})
+                d = paired_test_delta(res[k], "aioli", base="aioli-frozen")
                 parts.append(f"{k}: probes alone (frozen p) {fmt(*cells['aioli-frozen'][k][:2])}, "
                              f"Aioli's mixture on top (aioli − frozen) {fmt(*mean_se(d))}")
         add("- Where Aioli's difference comes from (diagnostic): " + "; ".join(parts))
